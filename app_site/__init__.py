@@ -1,0 +1,1 @@
+"""Code that runs at a hospital: ingestion, harmonization statistics, training, site reports."""

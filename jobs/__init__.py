@@ -1,0 +1,1 @@
+"""NVFlare job definitions (recipe builders) and the job folders users submit."""

@@ -1,0 +1,1 @@
+"""Segmentation network factories of fedseg, built by name from the run configuration."""
