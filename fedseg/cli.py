@@ -16,6 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from app_site.ingest.labels import LabelError
+from app_site.ingest.pipeline import MODALITIES, IngestOptions, IngestReport, ingest
+from app_site.ingest.series import ACCEPTED
 from fedseg import __version__
 from fedseg.synth.check import CaseCheck, SynthCheckError, check_hospitals
 from fedseg.synth.hospitals import CaseSummary, SiteSummary, SynthConfig, synthesize_hospitals
@@ -40,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, SynthCheckError) as error:
+    except (ValueError, FileNotFoundError, SynthCheckError, LabelError) as error:
         error_console.print(f"[bold red]fedseg {args.command}: error:[/] {error}", highlight=False)
         return 2
 
@@ -79,10 +82,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.set_defaults(handler=run_synth)
 
+    ingest_command = commands.add_parser(
+        "ingest",
+        help="turn a folder of DICOM/NIfTI into a training dataset with a QC record",
+        description="Read every DICOM series and NIfTI volume under INPUT (never modifying "
+        "it) and write canonical NIfTI images and labels, datalist.json and qc.json to OUTPUT. "
+        "Exit status 0 when at least one series was accepted.",
+    )
+    ingest_command.add_argument("--input", type=Path, required=True, help="folder to read")
+    ingest_command.add_argument("--output", type=Path, required=True, help="dataset folder")
+    ingest_command.add_argument(
+        "--manifest", type=Path, help="CSV case_id,series_uid,label naming label files"
+    )
+    ingest_command.add_argument(
+        "--modality", choices=MODALITIES, help="accept only this modality (default: both)"
+    )
+    ingest_command.add_argument(
+        "--resample-gaps",
+        action="store_true",
+        help="resample series with missing slices or uneven spacing (default: reject them)",
+    )
+    ingest_command.add_argument(
+        "--resample-tilt",
+        action="store_true",
+        help="resample gantry-tilted series onto an orthogonal grid (default: reject them)",
+    )
+    ingest_command.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.2,
+        help="share of labelled cases in the validation split (default 0.2)",
+    )
+    ingest_command.set_defaults(handler=run_ingest)
+
     demo = commands.add_parser(
         "demo",
         help="run the end-to-end demo on built-in simulated hospitals",
-        description="Simulate three hospitals, verify them and print a summary.",
+        description="Simulate three hospitals, verify them and ingest each into a dataset.",
     )
     demo.add_argument(
         "--workdir", type=Path, default=Path("demo_workdir"), help="where everything is written"
@@ -109,15 +145,107 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_ingest(args: argparse.Namespace) -> int:
+    """Handles ``fedseg ingest``."""
+    options = IngestOptions(
+        source=args.input,
+        output=args.output,
+        manifest=args.manifest,
+        modality=args.modality,
+        resample_gaps=args.resample_gaps,
+        resample_tilt=args.resample_tilt,
+        validation_fraction=args.validation_fraction,
+    )
+    report = ingest_with_progress(options)
+    console.print(ingest_table(report))
+    accepted = report.count(ACCEPTED)
+    console.print(
+        f"{accepted} accepted ({len(report.converted)} converted, {len(report.unchanged)} "
+        f"unchanged), {report.count('rejected')} rejected, {report.count('skipped')} skipped; "
+        f"details in {report.output / 'qc.json'}"
+    )
+    if accepted == 0:
+        error_console.print(
+            f"[bold red]fedseg ingest: no series accepted[/] from {args.input}; the reasons "
+            f"are in {report.output / 'qc.json'}",
+            highlight=False,
+        )
+        return 1
+    return 0
+
+
+def ingest_with_progress(options: IngestOptions) -> IngestReport:
+    """Runs :func:`app_site.ingest.pipeline.ingest` behind a progress bar."""
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        tasks: dict[str, int] = {}
+
+        def advance(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        return ingest(options, progress=advance)
+
+
+def ingest_table(report: IngestReport) -> Table:
+    """One row per QC record: what was found, what was decided and why."""
+    table = Table(title=f"Ingestion into {report.output}")
+    for header in ("case", "status", "modality", "shape", "spacing mm", "label", "reason / file"):
+        table.add_column(header, overflow="fold")
+    style = {"accepted": "green", "rejected": "red", "skipped": "yellow"}
+    for record in report.records:
+        where = record.get("file") or record.get("source") or ""
+        reason = " - ".join(part for part in (record["reason"], where) if part)
+        table.add_row(
+            record.get("case_id") or "",
+            f"[{style[record['status']]}]{record['status']}[/]",
+            record.get("modality") or "",
+            "x".join(str(n) for n in record.get("shape") or []),
+            "x".join(f"{s:g}" for s in record.get("spacing") or [] if s is not None),
+            "yes" if record.get("label") else "",
+            reason,
+        )
+    return table
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Handles ``fedseg demo``."""
-    config = SynthConfig(out=args.workdir / "hospitals", sites=3, cases_per_site=4, size=64)
-    console.rule("1/2  Simulating three hospitals")
+    hospitals = args.workdir / "hospitals"
+    config = SynthConfig(out=hospitals, sites=3, cases_per_site=4, size=64)
+    console.rule("1/3  Simulating three hospitals")
     sites = synthesize_with_progress(config, args.workers)
     console.print(site_table(sites))
-    console.rule("2/2  Verifying every series with SimpleITK")
+    console.rule("2/3  Verifying every series with SimpleITK")
     verify_with_report(config.out)
-    console.print(f"Demo data is in {config.out}")
+    console.rule("3/3  Ingesting each hospital's DICOM folder")
+    summary = Table(title="Site datasets")
+    for header in ("site", "accepted", "rejected", "skipped", "dataset"):
+        summary.add_column(header)
+    for site in sites:
+        options = IngestOptions(
+            source=hospitals / site.name / "dicom",
+            output=args.workdir / "datasets" / site.name,
+            manifest=hospitals / site.name / "manifest.csv",
+        )
+        report = ingest_with_progress(options)
+        if report.count(ACCEPTED) == 0:
+            raise ValueError(f"{site.name}: no series accepted; see {options.output / 'qc.json'}")
+        summary.add_row(
+            site.name,
+            str(report.count(ACCEPTED)),
+            str(report.count("rejected")),
+            str(report.count("skipped")),
+            str(options.output),
+        )
+    console.print(summary)
+    console.print(f"Demo outputs are in {args.workdir}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """The command line as a user runs it: a real process, real files, exit statuses."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,6 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Simulated hospitals" in result.stdout
     assert "12 series read back with SimpleITK" in result.stdout
+    for site, cases in (("site-1", 5), ("site-2", 4), ("site-3", 3)):
+        datalist = json.loads((tmp_path / "datasets" / site / "datalist.json").read_text())
+        assert len(datalist["training"]) + len(datalist["validation"]) == cases

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from app_site.ingest.manifest import ManifestEntry, read_manifest
 from fedseg.synth.anatomy import TUMOUR_LABELS
-from fedseg.synth.hospitals import read_manifest
 
 #: Largest difference accepted between DICOM and NIfTI geometry. NIfTI stores its affine in
 #: float32, which represents positions of a few hundred millimetres to about 1e-5 mm.
@@ -64,15 +64,15 @@ def check_hospitals(out: Path) -> list[CaseCheck]:
     problems: list[str] = []
     for site in record["sites"]:
         site_folder = Path(out) / site["name"]
-        manifest = read_manifest(site_folder)
+        manifest = read_manifest(site_folder / "manifest.csv")
         if len(manifest) != site["cases"]:
             problems.append(
                 f"{site_folder / 'manifest.csv'}: {len(manifest)} cases, "
                 f"synth.json says {site['cases']}"
             )
-        for row in manifest:
+        for entry in manifest:
             try:
-                checks.append(_check_case(site_folder, site["name"], row))
+                checks.append(_check_case(site_folder, site["name"], entry))
             except SynthCheckError as error:
                 problems.append(str(error))
     if problems:
@@ -101,14 +101,14 @@ def read_dicom_series(folder: Path, series_uid: str) -> sitk.Image:
     return reader.Execute()
 
 
-def _check_case(site_folder: Path, site: str, row: dict[str, str]) -> CaseCheck:
-    case_id = row["case_id"]
+def _check_case(site_folder: Path, site: str, entry: ManifestEntry) -> CaseCheck:
+    case_id = entry.case_id
     series_folder = site_folder / "dicom" / case_id
-    image = read_dicom_series(series_folder, row["series_uid"])
-    label = sitk.ReadImage(str(site_folder / row["label"]))
+    image = read_dicom_series(series_folder, entry.series_uid)
+    label = sitk.ReadImage(str(entry.label))
     tissues = sitk.ReadImage(str(site_folder / "tissues" / f"{case_id}.nii.gz"))
     n_files = len(list(series_folder.glob("*.dcm")))
-    where = f"{site_folder / row['label']} vs {series_folder}"
+    where = f"{entry.label} vs {series_folder}"
 
     if image.GetSize() != label.GetSize():
         raise SynthCheckError(f"{where}: size {label.GetSize()} != {image.GetSize()}")

@@ -30,6 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from app_site.ingest.manifest import MANIFEST_HEADER
 from fedseg.synth.anatomy import Subject, Tissue, tumour_label
 from fedseg.synth.dicom_series import SeriesIdentity, write_series
 from fedseg.synth.geometry import AcquisitionGrid
@@ -37,8 +38,6 @@ from fedseg.synth.scanner import SiteProfile, acquire, site_profile
 
 #: Version of the synthetic data format; recorded in ``synth.json``.
 SYNTH_FORMAT_VERSION = 1
-
-MANIFEST_HEADER = ("case_id", "series_uid", "label")
 
 MAX_SIZE = 512
 MIN_SIZE = 16
@@ -163,31 +162,6 @@ def synthesize_hospitals(
         )
         for s in range(config.sites)
     ]
-
-
-def read_manifest(site_folder: Path) -> list[dict[str, str]]:
-    """Reads a site's ``manifest.csv``.
-
-    Args:
-        site_folder: Folder holding ``manifest.csv``.
-
-    Returns:
-        One dict per case with the keys of :data:`MANIFEST_HEADER`.
-
-    Raises:
-        FileNotFoundError: If the manifest is missing.
-        ValueError: If its header is not ``case_id,series_uid,label``.
-    """
-    path = Path(site_folder) / "manifest.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; run `fedseg synth` to create the site")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if tuple(reader.fieldnames or ()) != MANIFEST_HEADER:
-            raise ValueError(
-                f"{path}: header is {reader.fieldnames}, expected {','.join(MANIFEST_HEADER)}"
-            )
-        return list(reader)
 
 
 def write_nifti(volume: np.ndarray, grid: AcquisitionGrid, path: Path) -> None:

@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from app_site.ingest.manifest import read_manifest
 from fedseg.synth.check import read_dicom_series
 from fedseg.synth.dicom_series import SeriesIdentity, write_series
 from fedseg.synth.geometry import AcquisitionGrid, rotation
-from fedseg.synth.hospitals import read_manifest, write_nifti
+from fedseg.synth.hospitals import write_nifti
 from fedseg.synth.scanner import site_profile
 
 
@@ -13,9 +14,9 @@ def test_every_series_has_exactly_its_labels_geometry(hospitals):
     out, sites = hospitals
     compared = 0
     for site in sites:
-        for row in read_manifest(out / site.name):
-            image = read_dicom_series(out / site.name / "dicom" / row["case_id"], row["series_uid"])
-            label = sitk.ReadImage(str(out / site.name / row["label"]))
+        for row in read_manifest(out / site.name / "manifest.csv"):
+            image = read_dicom_series(out / site.name / "dicom" / row.case_id, row.series_uid)
+            label = sitk.ReadImage(str(row.label))
             assert image.GetSize() == label.GetSize()
             # NIfTI stores its affine as float32: ~1e-5 mm at a few hundred millimetres.
             np.testing.assert_allclose(image.GetSpacing(), label.GetSpacing(), rtol=0, atol=1e-5)
@@ -31,8 +32,8 @@ def test_sites_cover_oblique_and_non_axial_acquisitions(hospitals):
     out, sites = hospitals
     directions = {}
     for site in sites:
-        row = read_manifest(out / site.name)[0]
-        image = read_dicom_series(out / site.name / "dicom" / row["case_id"], row["series_uid"])
+        row = read_manifest(out / site.name / "manifest.csv")[0]
+        image = read_dicom_series(out / site.name / "dicom" / row.case_id, row.series_uid)
         directions[site.name] = np.reshape(image.GetDirection(), (3, 3))
     oblique = [
         name for name, d in directions.items() if not np.allclose(np.abs(d), np.round(np.abs(d)))

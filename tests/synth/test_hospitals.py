@@ -9,11 +9,11 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from app_site.ingest.manifest import read_manifest
 from fedseg.synth.anatomy import Tissue
 from fedseg.synth.check import SynthCheckError, check_hospitals, read_dicom_series
-from fedseg.synth.hospitals import SynthConfig, read_manifest, synthesize_hospitals
-
-from .conftest import HOSPITALS
+from fedseg.synth.hospitals import SynthConfig, synthesize_hospitals
+from tests.conftest import HOSPITALS
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -41,11 +41,11 @@ def test_layout_and_manifest_contract(hospitals):
         folder = out / site.name
         with (folder / "manifest.csv").open() as handle:
             assert next(csv.reader(handle)) == ["case_id", "series_uid", "label"]
-        rows = read_manifest(folder)
+        rows = read_manifest(folder / "manifest.csv")
         assert len(rows) == len(site.cases)
         for row in rows:
-            assert (folder / "dicom" / row["case_id"]).is_dir()
-            label = nib.load(folder / row["label"])
+            assert (folder / "dicom" / row.case_id).is_dir()
+            label = nib.load(row.label)
             assert label.get_data_dtype() == np.uint8
             assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1, 2, 3}
     assert not list(out.glob(".*")), "no staging folders are left behind"
@@ -55,19 +55,19 @@ def test_labels_hold_all_tumour_regions(hospitals):
     out, sites = hospitals
     seen = set()
     for site in sites:
-        for row in read_manifest(out / site.name):
-            seen |= set(np.unique(np.asarray(nib.load(out / site.name / row["label"]).dataobj)))
+        for row in read_manifest(out / site.name / "manifest.csv"):
+            seen |= set(np.unique(np.asarray(nib.load(row.label).dataobj)))
     assert seen == {0, 1, 2, 3}
 
 
 def test_each_series_is_one_consistent_dicom_series(hospitals):
     out, sites = hospitals
     for site in sites:
-        for row in read_manifest(out / site.name):
-            datasets = series_datasets(out / site.name / "dicom" / row["case_id"]).values()
+        for row in read_manifest(out / site.name / "manifest.csv"):
+            datasets = series_datasets(out / site.name / "dicom" / row.case_id).values()
             for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
                 assert len({getattr(ds, keyword) for ds in datasets}) == 1, keyword
-            assert {ds.SeriesInstanceUID for ds in datasets} == {row["series_uid"]}
+            assert {ds.SeriesInstanceUID for ds in datasets} == {row.series_uid}
             assert len({ds.SOPInstanceUID for ds in datasets}) == len(datasets)
             assert sorted(ds.InstanceNumber for ds in datasets) == list(range(1, len(datasets) + 1))
             first = next(iter(datasets))
@@ -91,9 +91,9 @@ def test_scanner_profiles_differ_in_vendor_storage_and_rescale(hospitals):
     out, sites = hospitals
     first = {}
     for site in sites:
-        row = read_manifest(out / site.name)[0]
+        row = read_manifest(out / site.name / "manifest.csv")[0]
         first[site.name] = next(
-            iter(series_datasets(out / site.name / "dicom" / row["case_id"]).values())
+            iter(series_datasets(out / site.name / "dicom" / row.case_id).values())
         )
     assert len({ds.Manufacturer for ds in first.values()}) == 4
     assert first["site-2"].PixelRepresentation == 1
@@ -108,8 +108,8 @@ def test_instance_numbers_and_file_names_do_not_always_follow_position(hospitals
     out, _ = hospitals
     orders = {}
     for site in ("site-1", "site-2", "site-3"):
-        row = read_manifest(out / site)[0]
-        datasets = series_datasets(out / site / "dicom" / row["case_id"])
+        row = read_manifest(out / site / "manifest.csv")[0]
+        datasets = series_datasets(out / site / "dicom" / row.case_id)
         by_position = sorted(datasets, key=lambda name: position_along_normal(datasets[name]))
         instance_by_position = [datasets[name].InstanceNumber for name in by_position]
         orders[site] = (by_position, instance_by_position)
@@ -123,9 +123,9 @@ def test_instance_numbers_and_file_names_do_not_always_follow_position(hospitals
 
 def tissue_means(out: Path, site: str, tissue: Tissue) -> list[float]:
     means = []
-    for row in read_manifest(out / site):
-        image = read_dicom_series(out / site / "dicom" / row["case_id"], row["series_uid"])
-        tissues = sitk.ReadImage(str(out / site / "tissues" / f"{row['case_id']}.nii.gz"))
+    for row in read_manifest(out / site / "manifest.csv"):
+        image = read_dicom_series(out / site / "dicom" / row.case_id, row.series_uid)
+        tissues = sitk.ReadImage(str(out / site / "tissues" / f"{row.case_id}.nii.gz"))
         pixels = sitk.GetArrayFromImage(image)
         means.append(float(pixels[sitk.GetArrayViewFromImage(tissues) == tissue].mean()))
     return means
@@ -205,13 +205,13 @@ def test_check_accepts_good_data_and_finds_broken_cases(hospitals, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     # A label value outside the tumour classes, and a series missing a slice.
-    case = read_manifest(broken / "site-1")[0]["case_id"]
+    case = read_manifest(broken / "site-1" / "manifest.csv")[0].case_id
     path = broken / "site-1" / "labels" / f"{case}.nii.gz"
     image = nib.load(path)
     tampered = np.asarray(image.dataobj).copy()
     tampered[0, 0, 0] = 7
     nib.save(nib.Nifti1Image(tampered, image.affine, image.header), path)
-    victim = read_manifest(broken / "site-2")[0]["case_id"]
+    victim = read_manifest(broken / "site-2" / "manifest.csv")[0].case_id
     next(iter(sorted((broken / "site-2" / "dicom" / victim).glob("*.dcm")))).unlink()
 
     with pytest.raises(SynthCheckError) as error:

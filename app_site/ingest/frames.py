@@ -1,0 +1,256 @@
+"""Reading DICOM files into frames: one 2D image with its own geometry and rescale.
+
+A single-frame file gives one frame; an enhanced multi-frame file gives one frame per entry of
+its per-frame functional groups (position, orientation, pixel spacing and rescale are looked
+up per frame first, then in the shared groups). Nothing here decides what a series is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+#: SOP classes that never hold an image volume to ingest.
+_DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"
+SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+class UnreadableFileError(Exception):
+    """A DICOM file that cannot be used; the message says why (and holds no patient data)."""
+
+
+class NotDicomError(UnreadableFileError):
+    """A file that is not DICOM at all (no preamble and no DICOM structure)."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One 2D image of a series, with everything needed to place it in patient space.
+
+    Attributes:
+        path: File holding the frame.
+        frame_number: 0-based frame index in a multi-frame file; ``None`` for single-frame.
+        series_uid: SeriesInstanceUID.
+        position: LPS position of the first pixel (ImagePositionPatient), in millimetres.
+        row_direction: LPS unit vector along a row (first half of ImageOrientationPatient).
+        column_direction: LPS unit vector down a column (second half).
+        pixel_spacing: (between rows, between columns) in millimetres.
+        rows: Number of rows.
+        columns: Number of columns.
+        rescale_slope: RescaleSlope (1 when absent).
+        rescale_intercept: RescaleIntercept (0 when absent).
+        modality: Modality.
+        manufacturer: Manufacturer ('' when absent).
+        image_type: ImageType values, upper case.
+        file_digest: SHA-256 of the file's bytes.
+    """
+
+    path: Path
+    frame_number: int | None
+    series_uid: str
+    position: np.ndarray
+    row_direction: np.ndarray
+    column_direction: np.ndarray
+    pixel_spacing: tuple[float, float]
+    rows: int
+    columns: int
+    rescale_slope: float
+    rescale_intercept: float
+    modality: str
+    manufacturer: str
+    image_type: tuple[str, ...]
+    file_digest: str
+
+    @property
+    def normal(self) -> np.ndarray:
+        """Unit slice normal: row direction x column direction."""
+        normal = np.cross(self.row_direction, self.column_direction)
+        return normal / np.linalg.norm(normal)
+
+
+@dataclass(frozen=True)
+class DicomFile:
+    """What one readable DICOM file holds: image frames, or a reason it holds none.
+
+    Attributes:
+        path: The file.
+        sop_class_uid: Its SOP class.
+        frames: Image frames (none for non-image objects).
+        skip_reason: Why it holds no image to ingest, or ``None``.
+        segmented_series_uid: For a DICOM SEG object, the series it segments ('' when it
+            names none); ``None`` for other objects.
+    """
+
+    path: Path
+    sop_class_uid: str
+    frames: tuple[Frame, ...]
+    skip_reason: str | None
+    segmented_series_uid: str | None = None
+
+
+def read_dicom_file(path: Path) -> DicomFile:
+    """Reads a file's header (not its pixels) into frames.
+
+    Args:
+        path: File to read.
+
+    Returns:
+        The file's frames, or no frames and ``skip_reason`` for files that hold no image
+        (directories, structured reports, segmentations).
+
+    Raises:
+        UnreadableFileError: If the file is not DICOM, is truncated inside its header, or lacks
+            the tags needed to place its pixels in space.
+    """
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    has_preamble = data[128:132] == b"DICM"
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        sop_class = str(dataset.get("SOPClassUID", "") or _meta(dataset, "MediaStorageSOPClassUID"))
+        series_uid = dataset.get("SeriesInstanceUID")
+    except Exception as error:  # pydicom raises many types for broken headers
+        if has_preamble:
+            raise UnreadableFileError(
+                f"corrupt or truncated DICOM header ({type(error).__name__})"
+            ) from error
+        raise NotDicomError("not a DICOM file") from error
+    if not sop_class and series_uid is None:
+        if has_preamble:
+            raise UnreadableFileError("DICOM file without SOP class or series UID")
+        raise NotDicomError("not a DICOM file")
+    if sop_class == _DIRECTORY_SOP_CLASS:
+        return DicomFile(path, sop_class, (), "DICOMDIR index, holds no image")
+    if sop_class == SEGMENTATION_SOP_CLASS:
+        referenced = dataset.get("ReferencedSeriesSequence")
+        segmented = str(referenced[0].get("SeriesInstanceUID", "")) if referenced else ""
+        return DicomFile(path, sop_class, (), "DICOM SEG object", segmented)
+    if "Rows" not in dataset or "Columns" not in dataset:
+        return DicomFile(path, sop_class, (), "holds no image (no Rows/Columns)")
+    has_geometry = (
+        "ImagePositionPatient" in dataset or "PerFrameFunctionalGroupsSequence" in dataset
+    )
+    if not has_geometry and str(dataset.get("Modality", "")) not in ("MR", "CT"):
+        return DicomFile(
+            path,
+            sop_class,
+            (),
+            "image without patient position: not a cross-sectional slice "
+            "(secondary capture, radiograph, ultrasound...)",
+        )
+    try:
+        frames = tuple(_frames(path, dataset, digest))
+    except (AttributeError, IndexError, KeyError, ValueError, TypeError) as error:
+        raise UnreadableFileError(f"image geometry unreadable: {error}") from error
+    return DicomFile(path, sop_class, frames, None)
+
+
+def decode_frames(path: Path) -> np.ndarray:
+    """Decodes a file's stored pixel values (any transfer syntax pydicom's plugins decode).
+
+    Args:
+        path: DICOM file.
+
+    Returns:
+        ``[frames, rows, columns]`` stored values (one frame for single-frame files).
+
+    Raises:
+        UnreadableFileError: If the pixel data is missing, truncated or cannot be decoded.
+    """
+    try:
+        pixels = pydicom.dcmread(path, force=True).pixel_array
+    except Exception as error:  # pydicom raises many types for broken pixel data
+        raise UnreadableFileError(
+            f"{path.name}: pixel data unreadable ({type(error).__name__})"
+        ) from error
+    return pixels[None] if pixels.ndim == 2 else pixels
+
+
+def _frames(path: Path, dataset: Dataset, digest: str):
+    series_uid = str(dataset.get("SeriesInstanceUID", ""))
+    if not series_uid:
+        raise ValueError("no SeriesInstanceUID")
+    common = {
+        "path": path,
+        "series_uid": series_uid,
+        "rows": int(dataset.Rows),
+        "columns": int(dataset.Columns),
+        "modality": str(dataset.get("Modality", "")),
+        "manufacturer": str(dataset.get("Manufacturer", "")),
+        "image_type": tuple(str(v).upper() for v in _as_list(dataset.get("ImageType", []))),
+        "file_digest": digest,
+    }
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None and int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+        raise ValueError("multi-frame file without per-frame functional groups: no slice positions")
+    if per_frame is None:
+        yield Frame(frame_number=None, **common, **_geometry([dataset], dataset))
+        return
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    shared_group = shared[0] if shared else Dataset()
+    for number, group in enumerate(per_frame):
+        yield Frame(frame_number=number, **common, **_geometry([group, shared_group], dataset))
+
+
+def _geometry(groups: list[Dataset], dataset: Dataset) -> dict:
+    """Position, orientation, spacing and rescale, from functional groups or the top level."""
+    position = _lookup(groups, "PlanePositionSequence", "ImagePositionPatient")
+    orientation = _lookup(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
+    spacing = _lookup(groups, "PixelMeasuresSequence", "PixelSpacing")
+    slope = _lookup(groups, "PixelValueTransformationSequence", "RescaleSlope", required=False)
+    intercept = _lookup(
+        groups, "PixelValueTransformationSequence", "RescaleIntercept", required=False
+    )
+    if slope is None:
+        slope = dataset.get("RescaleSlope")
+    if intercept is None:
+        intercept = dataset.get("RescaleIntercept")
+    orientation = np.asarray(orientation, dtype=np.float64)
+    if orientation.shape != (6,):
+        raise ValueError("ImageOrientationPatient does not hold 6 values")
+    row_direction, column_direction = orientation[:3], orientation[3:]
+    for vector in (row_direction, column_direction):
+        if not np.isclose(np.linalg.norm(vector), 1.0, atol=1e-3):
+            raise ValueError("ImageOrientationPatient holds a vector that is not of unit length")
+    if abs(np.dot(row_direction, column_direction)) > 1e-3:
+        raise ValueError("ImageOrientationPatient row and column directions are not orthogonal")
+    position = np.asarray(position, dtype=np.float64)
+    spacing = tuple(float(v) for v in spacing)
+    if position.shape != (3,) or len(spacing) != 2 or min(spacing) <= 0:
+        raise ValueError("ImagePositionPatient or PixelSpacing malformed")
+    return {
+        "position": position,
+        "row_direction": row_direction / np.linalg.norm(row_direction),
+        "column_direction": column_direction / np.linalg.norm(column_direction),
+        "pixel_spacing": spacing,
+        "rescale_slope": float(slope) if slope not in (None, "") else 1.0,
+        "rescale_intercept": float(intercept) if intercept not in (None, "") else 0.0,
+    }
+
+
+def _lookup(groups: list[Dataset], sequence: str, keyword: str, required: bool = True):
+    """Finds ``keyword`` inside ``sequence`` of the first group that has it, else top level."""
+    for group in groups:
+        items = group.get(sequence)
+        if items and keyword in items[0]:
+            return items[0].get(keyword)
+        if keyword in group:
+            return group.get(keyword)
+    if required:
+        raise KeyError(f"{keyword} missing")
+    return None
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list | tuple | pydicom.multival.MultiValue) else [value]
+
+
+def _meta(dataset: Dataset, keyword: str) -> str:
+    meta = getattr(dataset, "file_meta", None)
+    return str(meta.get(keyword, "")) if meta is not None else ""

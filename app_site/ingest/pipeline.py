@@ -1,0 +1,541 @@
+"""``fedseg ingest``: a site's folder of DICOM and NIfTI to a training dataset with QC.
+
+Output::
+
+    OUT/images/<case>.nii.gz    canonical RAS, float32, rescaled values
+    OUT/labels/<case>.nii.gz    uint8 tumour label on the image's grid (when one was given)
+    OUT/datalist.json           MONAI decathlon-style lists: training, validation, test
+    OUT/qc.json                 one record per series or NIfTI volume found, and per bad file
+
+The source folder is only read. Every output file is written under a temporary name and
+renamed into place; a re-run reuses cases whose inputs are unchanged (same content hash),
+removes outputs of cases that are gone, and so ends in the same dataset as one clean run.
+Case ids are hashes: no patient identifier reaches the outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from app_site.ingest.frames import (
+    NotDicomError,
+    UnreadableFileError,
+    read_dicom_file,
+)
+from app_site.ingest.labels import (
+    LabelError,
+    SegmentationObject,
+    label_from_nifti,
+    label_from_segmentation,
+)
+from app_site.ingest.manifest import ManifestEntry, read_manifest
+from app_site.ingest.nifti_inputs import (
+    NiftiInputError,
+    is_nifti,
+    load_nifti_image,
+    pair_labels,
+)
+from app_site.ingest.series import (
+    ACCEPTED,
+    REJECTED,
+    SKIPPED,
+    SeriesDecision,
+    decide,
+    group_frames,
+)
+from app_site.ingest.volume import canonical, load_series, series_affine_ras
+
+#: Version of the output format; part of every content hash, so a new version re-converts.
+INGEST_FORMAT_VERSION = 1
+
+MODALITIES = ("MR", "CT")
+
+TUMOUR_LABEL_NAMES = {
+    "0": "background",
+    "1": "necrotic core",
+    "2": "edema",
+    "3": "enhancing tumour",
+}
+
+#: Called as ``progress(stage, done, total)`` while ingesting.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """What to ingest and how.
+
+    Attributes:
+        source: Folder to read (recursively); never written to.
+        output: Dataset folder to write.
+        manifest: Optional ``case_id,series_uid,label`` CSV naming label files.
+        modality: Accept only this modality (``MR`` or ``CT``); ``None`` accepts both.
+        resample_gaps: Resample series with missing slices or non-uniform spacing.
+        resample_tilt: Resample series with gantry tilt onto an orthogonal grid.
+        validation_fraction: Share of labelled cases put in the validation split.
+    """
+
+    source: Path
+    output: Path
+    manifest: Path | None = None
+    modality: str | None = None
+    resample_gaps: bool = False
+    resample_tilt: bool = False
+    validation_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        """Rejects options that cannot work."""
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise ValueError(f"--modality must be one of {MODALITIES}, got {self.modality!r}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(
+                f"--validation-fraction must be in [0, 1), got {self.validation_fraction}"
+            )
+
+
+@dataclass
+class IngestReport:
+    """What an ingestion run found and did.
+
+    Attributes:
+        output: The dataset folder.
+        records: The QC records, as written to ``qc.json``.
+        converted: Case ids converted in this run.
+        unchanged: Case ids reused from an earlier run (same content hash).
+    """
+
+    output: Path
+    records: list[dict]
+    converted: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        """Number of records with a status."""
+        return sum(1 for record in self.records if record["status"] == status)
+
+
+def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestReport:
+    """Ingests ``options.source`` into ``options.output``.
+
+    Args:
+        options: What to ingest and how.
+        progress: Optional progress callback.
+
+    Returns:
+        The report; ``qc.json`` and ``datalist.json`` hold the same information.
+
+    Raises:
+        FileNotFoundError: If the source folder or the manifest does not exist, or the source
+            holds no file at all.
+        ValueError: If the output lies inside the source (or the reverse), or the manifest is
+            malformed.
+    """
+    source, output = _check_folders(options.source, options.output)
+    manifest = (
+        {e.series_uid: e for e in read_manifest(options.manifest)} if options.manifest else {}
+    )
+    files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"{source}: folder holds no files to ingest")
+    for folder in ("images", "labels"):
+        (output / folder).mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(output)
+    previous = _previous_records(output)
+    report = IngestReport(output=output, records=[])
+    writer = _CaseWriter(output, previous, report)
+
+    frames, segmentations, niftis = _scan(files, source, report, progress)
+    decisions = [
+        decide(group, options.modality, options.resample_gaps, options.resample_tilt)
+        for group in group_frames(frames)
+    ]
+    seen_series = set()
+    total = len(decisions) + len(niftis)
+    for done, decision in enumerate(decisions, start=1):
+        seen_series.add(decision.series_uid)
+        report.records.append(
+            _dicom_case(
+                decision,
+                manifest.get(decision.series_uid),
+                segmentations.get(decision.series_uid, []),
+                source,
+                options,
+                writer,
+            )
+        )
+        if progress:
+            progress("converting", done, total)
+    images, paired = pair_labels(niftis)
+    for done, image_path in enumerate(images, start=len(decisions) + 1):
+        relative = str(image_path.relative_to(source))
+        seen_series.add(relative)
+        entry = manifest.get(relative)
+        label_path = entry.label if entry else paired.get(image_path)
+        report.records.append(_nifti_case(image_path, relative, label_path, options, writer))
+        if progress:
+            progress("converting", done, total)
+    for series_uid, entry in sorted(manifest.items()):
+        if series_uid not in seen_series:
+            report.records.append(_missing_series_record(series_uid, entry))
+    for series_uid, objects in sorted(segmentations.items()):
+        if series_uid not in seen_series:
+            for segmentation in objects:
+                report.records.append(
+                    _file_record(
+                        segmentation.path,
+                        source,
+                        SKIPPED,
+                        f"DICOM SEG for series {series_uid}, which is not in the input folder",
+                    )
+                )
+
+    _remove_stale_outputs(output, report.records)
+    _write_json_atomic(output / "datalist.json", _datalist(report.records, options))
+    _write_json_atomic(output / "qc.json", _qc_document(report.records, options))
+    return report
+
+
+class _CaseWriter:
+    """Writes a case's image and label atomically, or reuses an unchanged earlier result."""
+
+    def __init__(self, output: Path, previous: dict[str, dict], report: IngestReport) -> None:
+        self.output = output
+        self.previous = previous
+        self.report = report
+
+    def reusable(self, case_id: str, content_hash: str) -> dict | None:
+        """The earlier record of an unchanged case whose outputs are still in place."""
+        earlier = self.previous.get(case_id)
+        if not earlier or earlier.get("content_hash") != content_hash:
+            return None
+        if earlier["status"] != ACCEPTED:
+            return earlier
+        outputs = [earlier.get("output"), earlier.get("label")]
+        if all((self.output / p).is_file() for p in outputs if p):
+            self.report.unchanged.append(case_id)
+            return earlier
+        return None
+
+    def write(self, case_id: str, image: nib.Nifti1Image, label: nib.Nifti1Image | None) -> None:
+        """Writes ``images/<case>.nii.gz`` (and ``labels/<case>.nii.gz``)."""
+        _save_atomic(image, self.output / "images" / f"{case_id}.nii.gz")
+        label_path = self.output / "labels" / f"{case_id}.nii.gz"
+        if label is not None:
+            _save_atomic(label, label_path)
+        elif label_path.exists():
+            label_path.unlink()
+        self.report.converted.append(case_id)
+
+
+def _scan(
+    files: list[Path], source: Path, report: IngestReport, progress: Progress | None
+) -> tuple[list, dict[str, list[SegmentationObject]], list[Path]]:
+    """Reads every file's header; records files that hold no usable image."""
+    frames = []
+    segmentations: dict[str, list[SegmentationObject]] = defaultdict(list)
+    niftis = []
+    for done, path in enumerate(files, start=1):
+        if progress:
+            progress("reading", done, len(files))
+        if is_nifti(path):
+            niftis.append(path)
+            continue
+        try:
+            dicom = read_dicom_file(path)
+        except NotDicomError as error:
+            report.records.append(_file_record(path, source, SKIPPED, str(error)))
+            continue
+        except UnreadableFileError as error:
+            report.records.append(_file_record(path, source, REJECTED, str(error)))
+            continue
+        if dicom.segmented_series_uid == "":
+            reason = "DICOM SEG without ReferencedSeriesSequence: its series is unknown"
+            report.records.append(_file_record(path, source, REJECTED, reason))
+        elif dicom.segmented_series_uid:
+            segmented = dicom.segmented_series_uid
+            segmentations[segmented].append(SegmentationObject(path, segmented))
+        elif dicom.skip_reason:
+            report.records.append(_file_record(path, source, SKIPPED, dicom.skip_reason))
+        else:
+            frames.extend(dicom.frames)
+    return frames, segmentations, niftis
+
+
+def _dicom_case(
+    decision: SeriesDecision,
+    entry: ManifestEntry | None,
+    segmentations: list[SegmentationObject],
+    source: Path,
+    options: IngestOptions,
+    writer: _CaseWriter,
+) -> dict:
+    """Converts (or reuses) one decided DICOM series; returns its QC record."""
+    first = decision.frames[0]
+    files = sorted({frame.path for frame in decision.frames})
+    orientation_key = np.round(np.r_[first.row_direction, first.column_direction], 3) + 0.0
+    case_id = _case_id(f"dicom|{decision.series_uid}|{orientation_key.tolist()}")
+    label_source = entry.label if entry else (segmentations[0].path if segmentations else None)
+    record = {
+        "case_id": case_id,
+        "series_uid": decision.series_uid,
+        "status": decision.status,
+        "reason": decision.reason,
+        "output": None,
+        "label": None,
+        "shape": [first.columns, first.rows, len(decision.frames)],
+        "spacing": [*(round(s, 4) for s in first.pixel_spacing[::-1]), None],
+        "orientation": None,
+        "oblique": None,
+        "modality": first.modality,
+        "manufacturer": first.manufacturer,
+        "n_files": len(files),
+        "n_frames": len(decision.frames),
+        "resampled": decision.resampled,
+        "content_hash": None,
+    }
+    if decision.status != ACCEPTED:
+        record["source"] = _relative_folder(files, source)
+        return record
+    digests = [f"{frame.file_digest}:{frame.frame_number}" for frame in decision.frames]
+    record["content_hash"] = _content_hash(digests, label_source, options)
+    earlier = writer.reusable(case_id, record["content_hash"])
+    if earlier is not None:
+        return earlier
+    if len(segmentations) > 1 and entry is None:
+        return _rejected(record, files, source, "several DICOM SEG objects reference the series")
+    try:
+        image = load_series(decision)
+    except UnreadableFileError as error:
+        return _rejected(record, files, source, str(error))
+    record["orientation"] = "".join(nib.aff2axcodes(series_affine_ras(decision)))
+    record["oblique"] = _is_oblique(image.affine)
+    try:
+        if entry is not None:
+            if decision.resampled:
+                raise LabelError(
+                    f"{entry.label.name}: a label file cannot describe a series that needed "
+                    "resampling; give the label as a DICOM SEG instead"
+                )
+            label = label_from_nifti(entry.label, canonical(image))
+        elif segmentations:
+            label = canonical(label_from_segmentation(segmentations[0], decision))
+        else:
+            label = None
+    except (LabelError, FileNotFoundError) as error:
+        return _rejected(record, files, source, f"label: {error}")
+    return _accept(record, canonical(image), label, writer)
+
+
+def _nifti_case(
+    path: Path,
+    relative: str,
+    label_path: Path | None,
+    options: IngestOptions,
+    writer: _CaseWriter,
+) -> dict:
+    """Converts (or reuses) one NIfTI image; returns its QC record."""
+    case_id = _case_id(f"nifti|{relative}")
+    record = {
+        "case_id": case_id,
+        "series_uid": None,
+        "status": ACCEPTED,
+        "reason": "",
+        "output": None,
+        "label": None,
+        "shape": None,
+        "spacing": None,
+        "orientation": None,
+        "oblique": None,
+        "modality": None,
+        "manufacturer": None,
+        "n_files": 1,
+        "n_frames": None,
+        "resampled": False,
+        "content_hash": _content_hash([_file_digest(path)], label_path, options),
+    }
+    earlier = writer.reusable(case_id, record["content_hash"])
+    if earlier is not None:
+        return earlier
+    try:
+        image = load_nifti_image(path)
+        label = label_from_nifti(label_path, image) if label_path else None
+    except NiftiInputError as error:
+        record.update(status=REJECTED, reason=str(error), file=relative)
+        return record
+    except (LabelError, FileNotFoundError) as error:
+        record.update(status=REJECTED, reason=f"label: {error}", file=relative)
+        return record
+    record["orientation"] = "".join(nib.aff2axcodes(nib.load(path).affine))
+    record["oblique"] = _is_oblique(image.affine)
+    return _accept(record, image, label, writer)
+
+
+def _accept(
+    record: dict, image: nib.Nifti1Image, label: nib.Nifti1Image | None, writer: _CaseWriter
+) -> dict:
+    case_id = record["case_id"]
+    writer.write(case_id, image, label)
+    record["output"] = f"images/{case_id}.nii.gz"
+    record["label"] = f"labels/{case_id}.nii.gz" if label is not None else None
+    record["shape"] = [int(n) for n in image.shape]
+    record["spacing"] = [round(float(z), 4) for z in image.header.get_zooms()[:3]]
+    return record
+
+
+def _rejected(record: dict, files: list[Path], source: Path, reason: str) -> dict:
+    record.update(status=REJECTED, reason=reason, source=_relative_folder(files, source))
+    return record
+
+
+def _file_record(path: Path, source: Path, status: str, reason: str) -> dict:
+    return {
+        "case_id": None,
+        "series_uid": None,
+        "status": status,
+        "reason": reason,
+        "file": str(path.relative_to(source)),
+        "n_files": 1,
+    }
+
+
+def _missing_series_record(series_uid: str, entry: ManifestEntry) -> dict:
+    return {
+        "case_id": None,
+        "series_uid": series_uid,
+        "status": REJECTED,
+        "reason": f"listed in the manifest (label {entry.label.name}) but not found in the "
+        "input folder",
+        "n_files": 0,
+    }
+
+
+def _check_folders(source: Path, output: Path) -> tuple[Path, Path]:
+    source, output = Path(source).resolve(), Path(output).resolve()
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: input folder not found")
+    if output == source or source in output.parents:
+        raise ValueError(f"{output}: the output folder must not lie inside the input folder")
+    if output in source.parents:
+        raise ValueError(f"{source}: the input folder must not lie inside the output folder")
+    return source, output
+
+
+def _case_id(key: str) -> str:
+    return "case-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _content_hash(digests: list[str], label: Path | None, options: IngestOptions) -> str:
+    payload = {
+        "format_version": INGEST_FORMAT_VERSION,
+        "inputs": digests,
+        "label": _file_digest(label) if label and label.is_file() else None,
+        "resample_gaps": options.resample_gaps,
+        "resample_tilt": options.resample_tilt,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _is_oblique(affine: np.ndarray) -> bool:
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return bool(np.max(np.abs(np.abs(directions) - np.round(np.abs(directions)))) > 1e-3)
+
+
+def _relative_folder(files: list[Path], source: Path) -> str:
+    common = Path(os.path.commonpath([str(p.parent) for p in files]))
+    return str(common.relative_to(source)) or "."
+
+
+def _previous_records(output: Path) -> dict[str, dict]:
+    path = output / "qc.json"
+    if not path.is_file():
+        return {}
+    try:
+        records = json.loads(path.read_text())["series"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return {r["case_id"]: r for r in records if isinstance(r, dict) and r.get("case_id")}
+
+
+def _remove_temporaries(output: Path) -> None:
+    for folder in (output, output / "images", output / "labels"):
+        for leftover in folder.glob(".tmp-*"):
+            leftover.unlink()
+
+
+def _remove_stale_outputs(output: Path, records: list[dict]) -> None:
+    keep = {r["output"] for r in records if r.get("output")} | {
+        r["label"] for r in records if r.get("label")
+    }
+    for folder in ("images", "labels"):
+        for path in (output / folder).glob("case-*.nii.gz"):
+            if f"{folder}/{path.name}" not in keep:
+                path.unlink()
+
+
+def _save_atomic(image: nib.Nifti1Image, path: Path) -> None:
+    temporary = path.with_name(f".tmp-{path.name}")
+    nib.save(image, temporary)
+    os.replace(temporary, path)
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    temporary = path.with_name(f".tmp-{path.name}")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _datalist(records: list[dict], options: IngestOptions) -> dict:
+    accepted = sorted((r for r in records if r["status"] == ACCEPTED), key=lambda r: r["case_id"])
+    labelled = [r for r in accepted if r.get("label")]
+    n_validation = round(options.validation_fraction * len(labelled))
+    if options.validation_fraction > 0 and len(labelled) >= 2:
+        n_validation = min(max(1, n_validation), len(labelled) - 1)
+
+    def entry(record: dict) -> dict:
+        item = {"case_id": record["case_id"], "image": record["output"]}
+        if record.get("label"):
+            item["label"] = record["label"]
+        return item
+
+    modalities = sorted({r["modality"] for r in accepted if r.get("modality")})
+    return {
+        "name": "fedseg ingest",
+        "description": "Site dataset written by fedseg ingest; paths relative to this file.",
+        "modality": {str(i): m for i, m in enumerate(modalities)},
+        "labels": TUMOUR_LABEL_NAMES,
+        "numTraining": len(labelled) - n_validation,
+        "numValidation": n_validation,
+        "training": [entry(r) for r in labelled[n_validation:]],
+        "validation": [entry(r) for r in labelled[:n_validation]],
+        "test": [entry(r) for r in accepted if not r.get("label")],
+    }
+
+
+def _qc_document(records: list[dict], options: IngestOptions) -> dict:
+    counts = {s: sum(1 for r in records if r["status"] == s) for s in (ACCEPTED, REJECTED, SKIPPED)}
+    return {
+        "format_version": INGEST_FORMAT_VERSION,
+        "tool": "fedseg ingest",
+        "options": {
+            "modality": options.modality,
+            "manifest": options.manifest is not None,
+            "resample_gaps": options.resample_gaps,
+            "resample_tilt": options.resample_tilt,
+            "validation_fraction": options.validation_fraction,
+        },
+        "counts": counts,
+        "series": records,
+    }

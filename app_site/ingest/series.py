@@ -1,0 +1,181 @@
+"""What a group of frames is: which frames form one volume, and whether its geometry is sound.
+
+Pure functions of frame headers. Frames are grouped by SeriesInstanceUID and, inside one UID,
+by orientation (folders mix localizer planes, and scanners reuse UIDs across reformats). A
+group is sorted by position along its slice normal (never by InstanceNumber or file name),
+then accepted, rejected or skipped with a reason a site admin can act on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from app_site.ingest.frames import Frame
+
+ACCEPTED, REJECTED, SKIPPED = "accepted", "rejected", "skipped"
+
+#: Fewest slices that make a volume; single images and localizers are skipped.
+MIN_SLICES = 2
+
+#: Frames closer than this along the normal are at the same position.
+_SAME_POSITION_MM = 1e-3
+
+#: Orientation cosines are compared after rounding to this many decimals.
+_ORIENTATION_DECIMALS = 3
+
+
+@dataclass(frozen=True)
+class SeriesDecision:
+    """The verdict on one group of frames.
+
+    Attributes:
+        series_uid: SeriesInstanceUID of the group.
+        frames: The group's frames, sorted by position along the slice normal.
+        status: ``accepted``, ``rejected`` or ``skipped``.
+        reason: Why; for an accepted series, what was resampled ('' when nothing).
+        slice_spacing: Distance between output slices in millimetres, when accepted.
+        resampled: True when the frames do not lie on a regular orthogonal grid and were
+            accepted only because resampling was asked for.
+    """
+
+    series_uid: str
+    frames: tuple[Frame, ...]
+    status: str
+    reason: str
+    slice_spacing: float | None = None
+    resampled: bool = False
+
+
+def group_frames(frames: Iterable[Frame]) -> list[list[Frame]]:
+    """Groups frames by series UID and orientation, in a deterministic order.
+
+    Args:
+        frames: Frames from any number of files.
+
+    Returns:
+        Groups ordered by series UID, then orientation.
+    """
+    groups: dict[tuple, list[Frame]] = defaultdict(list)
+    for frame in frames:
+        orientation = tuple(
+            np.round(np.r_[frame.row_direction, frame.column_direction], _ORIENTATION_DECIMALS)
+            + 0.0  # turns -0.0 into 0.0
+        )
+        groups[(frame.series_uid, orientation)].append(frame)
+    return [groups[key] for key in sorted(groups)]
+
+
+def decide(
+    frames: list[Frame],
+    modality: str | None = None,
+    resample_gaps: bool = False,
+    resample_tilt: bool = False,
+) -> SeriesDecision:
+    """Decides whether a group of frames (one UID, one orientation) is a usable volume.
+
+    Args:
+        frames: The group.
+        modality: Only this modality is accepted (``MR`` or ``CT``); ``None`` accepts any.
+        resample_gaps: Accept missing slices and non-uniform spacing, to be resampled onto
+            uniform slices at the median spacing.
+        resample_tilt: Accept gantry tilt (slices shifted in-plane), to be resampled onto an
+            orthogonal grid.
+
+    Returns:
+        The decision, with frames sorted by position along the slice normal.
+    """
+    first = frames[0]
+    normal = first.normal
+    ordered = tuple(sorted(frames, key=lambda f: (float(f.position @ normal), str(f.path))))
+
+    def verdict(status: str, reason: str) -> SeriesDecision:
+        return SeriesDecision(first.series_uid, ordered, status, reason)
+
+    if modality is not None and first.modality != modality:
+        return verdict(SKIPPED, f"modality {first.modality or 'unknown'}, {modality} requested")
+    for kind in ("LOCALIZER", "PROJECTION IMAGE"):
+        if any(kind in frame.image_type for frame in frames):
+            return verdict(SKIPPED, f"{kind.lower()} (ImageType {kind}), not a volume")
+    if len(frames) < MIN_SLICES:
+        return verdict(SKIPPED, "single slice in this orientation: not a 3D volume")
+    inconsistent = _inconsistent_matrix(ordered)
+    if inconsistent:
+        return verdict(REJECTED, inconsistent)
+
+    positions = np.array([f.position for f in ordered])
+    steps = np.diff(positions, axis=0)
+    along_normal = steps @ normal
+    duplicates = int(np.count_nonzero(along_normal < _SAME_POSITION_MM))
+    if duplicates:
+        return verdict(
+            REJECTED,
+            f"{duplicates} frame(s) share a slice position with another (several echoes, "
+            "phases or time points in one series); split the series before ingesting",
+        )
+    spacing = float(np.median(along_normal))
+    problems = []
+    tilt = _tilt_problem(steps, along_normal, normal, spacing)
+    if tilt:
+        if not resample_tilt:
+            return verdict(REJECTED, f"{tilt}; --resample-tilt resamples it to an orthogonal grid")
+        problems.append(tilt)
+    gaps = _spacing_problem(positions @ normal, along_normal, spacing)
+    if gaps:
+        if not resample_gaps:
+            return verdict(REJECTED, f"{gaps}; --resample-gaps resamples it to uniform slices")
+        problems.append(gaps)
+    if problems:
+        reason = "resampled: " + "; ".join(problems)
+        return SeriesDecision(first.series_uid, ordered, ACCEPTED, reason, spacing, True)
+    return SeriesDecision(first.series_uid, ordered, ACCEPTED, "", float(np.mean(along_normal)))
+
+
+def _inconsistent_matrix(frames: tuple[Frame, ...]) -> str:
+    """Describes differing rows, columns or pixel spacing inside a group ('' if none)."""
+    for name, values in (
+        ("rows", {f.rows for f in frames}),
+        ("columns", {f.columns for f in frames}),
+        ("pixel spacing", {tuple(round(s, 4) for s in f.pixel_spacing) for f in frames}),
+    ):
+        if len(values) > 1:
+            return f"inconsistent {name} inside the series: {sorted(values)}"
+    return ""
+
+
+def _tilt_problem(
+    steps: np.ndarray, along_normal: np.ndarray, normal: np.ndarray, spacing: float
+) -> str:
+    """Describes slices that shift in-plane from one to the next ('' if none)."""
+    in_plane = np.linalg.norm(steps - np.outer(along_normal, normal), axis=1)
+    if np.max(in_plane) <= 0.01 + 1e-3 * spacing:
+        return ""
+    shift = float(np.median(in_plane))
+    angle = math.degrees(math.atan2(shift, spacing))
+    return (
+        f"sheared geometry (gantry tilt about {angle:.1f} degrees): slices shift "
+        f"{shift:.3g} mm in-plane per slice"
+    )
+
+
+def _spacing_problem(heights: np.ndarray, along_normal: np.ndarray, spacing: float) -> str:
+    """Describes missing slices or non-uniform spacing ('' if spacing is uniform)."""
+    tolerance = max(0.01, 0.01 * spacing)
+    if np.max(np.abs(along_normal - spacing)) <= tolerance:
+        return ""
+    multiples = along_normal / spacing
+    if np.all(np.abs(multiples - np.round(multiples)) * spacing <= tolerance):
+        gaps = [
+            f"{heights[k]:.2f} to {heights[k + 1]:.2f} mm ({round(m) - 1} missing)"
+            for k, m in enumerate(multiples)
+            if round(m) > 1
+        ]
+        return f"missing slices (spacing {spacing:.4g} mm), gaps at " + "; ".join(gaps)
+    return (
+        f"non-uniform slice spacing: {float(along_normal.min()):.4g} to "
+        f"{float(along_normal.max()):.4g} mm"
+    )

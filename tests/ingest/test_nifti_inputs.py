@@ -1,0 +1,106 @@
+"""NIfTI volumes in the ingested folder: checked, paired with labels, canonicalized."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from app_site.ingest.volume import nifti_image
+
+from .helpers import canonical_axcodes, only, run_ingest
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+@pytest.fixture
+def volume():
+    rng = np.random.default_rng(0)
+    values = rng.normal(100.0, 10.0, size=(12, 10, 8)).astype(np.float32)
+    affine = np.array(
+        [[-1.5, 0, 0, 90.0], [0, 0, 2.0, -40.0], [0, 1.2, 0, 10.0], [0, 0, 0, 1.0]]
+    )  # a coronal LIA-ish grid: canonicalization must permute and flip
+    label = np.zeros(values.shape, dtype=np.uint8)
+    label[3:7, 2:5, 1:4] = 2
+    label[4:6, 3:4, 2:3] = 3
+    return values, label, affine
+
+
+def save(path: Path, values: np.ndarray, affine: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if abs(np.linalg.det(affine[:3, :3])) > 0:
+        nib.save(nifti_image(values, affine), path)
+    else:  # a qform cannot hold a singular affine: a broken writer leaves only the sform
+        image = nib.Nifti1Image(values, None)
+        image.header.set_sform(affine, code=1)
+        nib.save(image, path)
+    return path
+
+
+def test_image_and_paired_label_are_canonicalized_together(tmp_path, volume):
+    values, label, affine = volume
+    save(tmp_path / "in" / "p1" / "t1c.nii.gz", values, affine)
+    save(tmp_path / "in" / "p1" / "t1c_seg.nii.gz", label, affine)
+    report = run_ingest(tmp_path / "in", tmp_path / "out")
+    (record,) = report.records
+    assert record["status"] == "accepted" and record["label"]
+    assert record["orientation"] == "".join(nib.aff2axcodes(affine))
+    image = nib.load(tmp_path / "out" / record["output"])
+    seg = nib.load(tmp_path / "out" / record["label"])
+    assert canonical_axcodes(tmp_path / "out" / record["output"]) == "RAS"
+    np.testing.assert_allclose(image.affine, seg.affine)
+    # The same physical point holds the same image value and label before and after.
+    for voxel in ([4, 3, 2], [0, 0, 0], [11, 9, 7]):
+        point = affine @ [*voxel, 1]
+        ours = np.rint(np.linalg.solve(image.affine, point)[:3]).astype(int)
+        assert np.asarray(image.dataobj)[tuple(ours)] == pytest.approx(values[tuple(voxel)])
+        assert np.asarray(seg.dataobj)[tuple(ours)] == label[tuple(voxel)]
+
+
+@pytest.mark.parametrize(
+    ("break_it", "reason"),
+    [
+        ("nan", "voxel(s) hold NaN or infinite values"),
+        ("sheared", "affine is sheared"),
+        ("singular", "affine is singular"),
+        ("label_values", "label: t1c_seg.nii.gz: label values [5]"),
+        ("label_shape", "label shape"),
+        ("label_affine", "label affine differs"),
+    ],
+)
+def test_bad_volumes_and_labels_are_rejected_with_the_reason(tmp_path, volume, break_it, reason):
+    values, label, affine = volume
+    label_affine = affine.copy()
+    if break_it == "nan":
+        values = values.copy()
+        values[1, 1, 1] = np.nan
+    elif break_it == "sheared":
+        affine = affine.copy()
+        affine[0, 1] = 0.8
+    elif break_it == "singular":
+        affine = affine.copy()
+        affine[:3, 2] = 0.0
+    elif break_it == "label_values":
+        label = label.copy()
+        label[0, 0, 0] = 5
+    elif break_it == "label_shape":
+        label = label[:, :, :-1]
+    elif break_it == "label_affine":
+        label_affine[0, 3] += 3.0
+    save(tmp_path / "in" / "t1c.nii.gz", values, affine)
+    save(tmp_path / "in" / "t1c_seg.nii.gz", label, label_affine)
+    (record,) = run_ingest(tmp_path / "in", tmp_path / "out").records
+    assert record["status"] == "rejected" and record["file"] == "t1c.nii.gz"
+    assert reason in record["reason"]
+
+
+def test_nibabel_real_volumes(tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    for name in ("anatomical.nii", "example4d.nii.gz"):
+        (source / name).write_bytes((NIBABEL_DATA / name).read_bytes())
+    report = run_ingest(source, tmp_path / "out")
+    by_file = {r.get("file") or r["output"]: r for r in report.records}
+    (accepted,) = only(report, "accepted")
+    assert accepted["shape"] == list(nib.load(NIBABEL_DATA / "anatomical.nii").shape)
+    assert "4D volume" in by_file["example4d.nii.gz"]["reason"]
