@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.2,
         help="share of labelled cases in the validation split (default 0.2)",
     )
+    _add_workers_argument(ingest_command)
     ingest_command.set_defaults(handler=run_ingest)
 
     demo = commands.add_parser(
@@ -155,6 +156,7 @@ def run_ingest(args: argparse.Namespace) -> int:
         resample_gaps=args.resample_gaps,
         resample_tilt=args.resample_tilt,
         validation_fraction=args.validation_fraction,
+        workers=args.workers,
     )
     report = ingest_with_progress(options)
     console.print(ingest_table(report))
@@ -233,6 +235,7 @@ def run_demo(args: argparse.Namespace) -> int:
             source=hospitals / site.name / "dicom",
             output=args.workdir / "datasets" / site.name,
             manifest=hospitals / site.name / "manifest.csv",
+            workers=args.workers,
         )
         report = ingest_with_progress(options)
         if report.count(ACCEPTED) == 0:

@@ -14,7 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 
 #: SOP classes that never hold an image volume to ingest.
 _DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -27,6 +31,23 @@ class UnreadableFileError(Exception):
 
 class NotDicomError(UnreadableFileError):
     """A file that is not DICOM at all (no preamble and no DICOM structure)."""
+
+
+@dataclass(frozen=True)
+class RawPixels:
+    """Location and type of uncompressed little-endian pixel data inside a file.
+
+    Attributes:
+        offset: Byte offset of the first pixel value.
+        dtype: numpy dtype of one stored value.
+        rows: Rows of the image.
+        columns: Columns of the image.
+    """
+
+    offset: int
+    dtype: str
+    rows: int
+    columns: int
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,8 @@ class Frame:
         manufacturer: Manufacturer ('' when absent).
         image_type: ImageType values, upper case.
         file_digest: SHA-256 of the file's bytes.
+        raw_pixels: Where uncompressed pixel data can be read directly, or ``None`` when it
+            needs pydicom's decoders (compression, big endian, packed bits, multi-frame).
     """
 
     path: Path
@@ -66,6 +89,7 @@ class Frame:
     manufacturer: str
     image_type: tuple[str, ...]
     file_digest: str
+    raw_pixels: RawPixels | None = None
 
     @property
     def normal(self) -> np.ndarray:
@@ -111,8 +135,9 @@ def read_dicom_file(path: Path) -> DicomFile:
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     has_preamble = data[128:132] == b"DICM"
+    stream = io.BytesIO(data)
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        dataset = pydicom.dcmread(stream, stop_before_pixels=True, force=True)
         sop_class = str(dataset.get("SOPClassUID", "") or _meta(dataset, "MediaStorageSOPClassUID"))
         series_uid = dataset.get("SeriesInstanceUID")
     except Exception as error:  # pydicom raises many types for broken headers
@@ -145,17 +170,19 @@ def read_dicom_file(path: Path) -> DicomFile:
             "(secondary capture, radiograph, ultrasound...)",
         )
     try:
-        frames = tuple(_frames(path, dataset, digest))
+        raw_pixels = _raw_pixels(dataset, data, stream.tell())
+        frames = tuple(_frames(path, dataset, digest, raw_pixels))
     except (AttributeError, IndexError, KeyError, ValueError, TypeError) as error:
         raise UnreadableFileError(f"image geometry unreadable: {error}") from error
     return DicomFile(path, sop_class, frames, None)
 
 
-def decode_frames(path: Path) -> np.ndarray:
+def decode_frames(path: Path, raw_pixels: RawPixels | None = None) -> np.ndarray:
     """Decodes a file's stored pixel values (any transfer syntax pydicom's plugins decode).
 
     Args:
         path: DICOM file.
+        raw_pixels: Where to read uncompressed pixels directly (skips a second parse).
 
     Returns:
         ``[frames, rows, columns]`` stored values (one frame for single-frame files).
@@ -163,6 +190,14 @@ def decode_frames(path: Path) -> np.ndarray:
     Raises:
         UnreadableFileError: If the pixel data is missing, truncated or cannot be decoded.
     """
+    if raw_pixels is not None:
+        data = path.read_bytes()
+        try:
+            count = raw_pixels.rows * raw_pixels.columns
+            values = np.frombuffer(data, raw_pixels.dtype, count, raw_pixels.offset)
+        except ValueError as error:
+            raise UnreadableFileError(f"{path.name}: pixel data truncated") from error
+        return values.reshape(1, raw_pixels.rows, raw_pixels.columns)
     try:
         pixels = pydicom.dcmread(path, force=True).pixel_array
     except Exception as error:  # pydicom raises many types for broken pixel data
@@ -172,7 +207,49 @@ def decode_frames(path: Path) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else pixels
 
 
-def _frames(path: Path, dataset: Dataset, digest: str):
+def _raw_pixels(dataset: Dataset, data: bytes, position: int) -> RawPixels | None:
+    """Finds uncompressed, little-endian, single-frame, unpacked pixel data in ``data``.
+
+    ``position`` is where pydicom stopped, before the PixelData element. Anything else
+    (compression, big endian, several frames or samples, unused high bits) returns ``None``.
+    """
+    meta = getattr(dataset, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        return None
+    bits = _little_endian_ushort(dataset, 0x00280100)  # BitsAllocated
+    simple = (
+        _little_endian_ushort(dataset, 0x00280002) in (None, 1)  # SamplesPerPixel
+        and 0x00280008 not in dataset  # NumberOfFrames
+        and bits in (8, 16, 32)
+        and _little_endian_ushort(dataset, 0x00280101) == bits  # BitsStored
+    )
+    if not simple or data[position : position + 4] != _PIXEL_DATA_TAG:
+        return None
+    explicit = syntax == ExplicitVRLittleEndian
+    header = 12 if explicit else 8
+    length = int.from_bytes(data[position + header - 4 : position + header], "little")
+    rows = _little_endian_ushort(dataset, 0x00280010)
+    columns = _little_endian_ushort(dataset, 0x00280011)
+    if not rows or not columns:
+        return None
+    if length != rows * columns * bits // 8 or len(data) < position + header + length:
+        return None  # truncated or padded: let pydicom report it
+    signed = _little_endian_ushort(dataset, 0x00280103) == 1  # PixelRepresentation
+    return RawPixels(position + header, f"<{'i' if signed else 'u'}{bits // 8}", rows, columns)
+
+
+def _little_endian_ushort(dataset: Dataset, tag: int) -> int | None:
+    """Reads an unsigned short (US) element of a little-endian dataset, raw when unconverted."""
+    if tag not in dataset:
+        return None
+    value = dataset.get_item(tag).value
+    if isinstance(value, bytes):
+        return int.from_bytes(value[:2], "little") if len(value) >= 2 else None
+    return int(value) if value is not None else None
+
+
+def _frames(path: Path, dataset: Dataset, digest: str, raw_pixels: RawPixels | None):
     series_uid = str(dataset.get("SeriesInstanceUID", ""))
     if not series_uid:
         raise ValueError("no SeriesInstanceUID")
@@ -185,12 +262,13 @@ def _frames(path: Path, dataset: Dataset, digest: str):
         "manufacturer": str(dataset.get("Manufacturer", "")),
         "image_type": tuple(str(v).upper() for v in _as_list(dataset.get("ImageType", []))),
         "file_digest": digest,
+        "raw_pixels": raw_pixels,
     }
     per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
     if per_frame is None and int(dataset.get("NumberOfFrames", 1) or 1) > 1:
         raise ValueError("multi-frame file without per-frame functional groups: no slice positions")
     if per_frame is None:
-        yield Frame(frame_number=None, **common, **_geometry([dataset], dataset))
+        yield Frame(frame_number=None, **common, **_geometry([], dataset))
         return
     shared = dataset.get("SharedFunctionalGroupsSequence")
     shared_group = shared[0] if shared else Dataset()
@@ -199,24 +277,24 @@ def _frames(path: Path, dataset: Dataset, digest: str):
 
 
 def _geometry(groups: list[Dataset], dataset: Dataset) -> dict:
-    """Position, orientation, spacing and rescale, from functional groups or the top level."""
-    position = _lookup(groups, "PlanePositionSequence", "ImagePositionPatient")
-    orientation = _lookup(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
-    spacing = _lookup(groups, "PixelMeasuresSequence", "PixelSpacing")
-    slope = _lookup(groups, "PixelValueTransformationSequence", "RescaleSlope", required=False)
+    """Position, orientation, spacing and rescale: from functional groups, else the top level.
+
+    ``groups`` are a multi-frame file's per-frame then shared functional groups (empty for a
+    single-frame file).
+    """
+    position = _lookup(groups, dataset, "PlanePositionSequence", "ImagePositionPatient")
+    orientation = _lookup(groups, dataset, "PlaneOrientationSequence", "ImageOrientationPatient")
+    spacing = _lookup(groups, dataset, "PixelMeasuresSequence", "PixelSpacing")
+    slope = _lookup(groups, dataset, "PixelValueTransformationSequence", "RescaleSlope", False)
     intercept = _lookup(
-        groups, "PixelValueTransformationSequence", "RescaleIntercept", required=False
+        groups, dataset, "PixelValueTransformationSequence", "RescaleIntercept", False
     )
-    if slope is None:
-        slope = dataset.get("RescaleSlope")
-    if intercept is None:
-        intercept = dataset.get("RescaleIntercept")
     orientation = np.asarray(orientation, dtype=np.float64)
     if orientation.shape != (6,):
         raise ValueError("ImageOrientationPatient does not hold 6 values")
     row_direction, column_direction = orientation[:3], orientation[3:]
     for vector in (row_direction, column_direction):
-        if not np.isclose(np.linalg.norm(vector), 1.0, atol=1e-3):
+        if abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3:
             raise ValueError("ImageOrientationPatient holds a vector that is not of unit length")
     if abs(np.dot(row_direction, column_direction)) > 1e-3:
         raise ValueError("ImageOrientationPatient row and column directions are not orthogonal")
@@ -229,22 +307,54 @@ def _geometry(groups: list[Dataset], dataset: Dataset) -> dict:
         "row_direction": row_direction / np.linalg.norm(row_direction),
         "column_direction": column_direction / np.linalg.norm(column_direction),
         "pixel_spacing": spacing,
-        "rescale_slope": float(slope) if slope not in (None, "") else 1.0,
-        "rescale_intercept": float(intercept) if intercept not in (None, "") else 0.0,
+        "rescale_slope": slope[0] if slope else 1.0,
+        "rescale_intercept": intercept[0] if intercept else 0.0,
     }
 
 
-def _lookup(groups: list[Dataset], sequence: str, keyword: str, required: bool = True):
-    """Finds ``keyword`` inside ``sequence`` of the first group that has it, else top level."""
+def _lookup(
+    groups: list[Dataset], dataset: Dataset, sequence: str, keyword: str, required: bool = True
+) -> list[float] | None:
+    """Reads a decimal element from the first functional group holding it, else the top level.
+
+    Args:
+        groups: Per-frame then shared functional groups (empty for single-frame files).
+        dataset: The file's dataset.
+        sequence: Functional group sequence that holds ``keyword``.
+        keyword: The element.
+        required: Raise when it is nowhere.
+
+    Returns:
+        Its values, or ``None`` when absent and not required.
+
+    Raises:
+        KeyError: If a required element is absent.
+    """
+    tag = tag_for_keyword(keyword)
     for group in groups:
         items = group.get(sequence)
-        if items and keyword in items[0]:
-            return items[0].get(keyword)
-        if keyword in group:
-            return group.get(keyword)
+        if items and tag in items[0]:
+            return _decimals(items[0], tag)
+    if tag in dataset:
+        return _decimals(dataset, tag)
     if required:
         raise KeyError(f"{keyword} missing")
     return None
+
+
+def _decimals(dataset: Dataset, tag: int) -> list[float]:
+    """Reads a decimal-string (DS) element as floats.
+
+    Parses the raw text directly when pydicom has not converted the element yet: much faster
+    than building validated ``DSfloat`` objects, and malformed text still raises ValueError.
+    """
+    value = dataset.get_item(tag).value
+    if isinstance(value, bytes):
+        text = value.decode("latin-1").strip(" \0")
+        return [float(part) for part in text.split("\\")] if text else []
+    if isinstance(value, str | float | int):
+        return [float(value)] if value != "" else []
+    return [float(part) for part in value]
 
 
 def _as_list(value) -> list:

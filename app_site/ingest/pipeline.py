@@ -20,6 +20,7 @@ import json
 import os
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import nibabel as nib
 import numpy as np
 
 from app_site.ingest.frames import (
+    DicomFile,
+    Frame,
     NotDicomError,
     UnreadableFileError,
     read_dicom_file,
@@ -82,6 +85,7 @@ class IngestOptions:
         resample_gaps: Resample series with missing slices or non-uniform spacing.
         resample_tilt: Resample series with gantry tilt onto an orthogonal grid.
         validation_fraction: Share of labelled cases put in the validation split.
+        workers: Processes reading and converting in parallel; 1 works in this process.
     """
 
     source: Path
@@ -91,9 +95,12 @@ class IngestOptions:
     resample_gaps: bool = False
     resample_tilt: bool = False
     validation_fraction: float = 0.2
+    workers: int = 1
 
     def __post_init__(self) -> None:
         """Rejects options that cannot work."""
+        if self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
         if self.modality is not None and self.modality not in MODALITIES:
             raise ValueError(f"--modality must be one of {MODALITIES}, got {self.modality!r}")
         if not 0.0 <= self.validation_fraction < 1.0:
@@ -140,9 +147,9 @@ def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestRe
             malformed.
     """
     source, output = _check_folders(options.source, options.output)
-    manifest = (
-        {e.series_uid: e for e in read_manifest(options.manifest)} if options.manifest else {}
-    )
+    manifest = {}
+    if options.manifest:
+        manifest = {entry.series_uid: entry for entry in read_manifest(options.manifest)}
     files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise FileNotFoundError(f"{source}: folder holds no files to ingest")
@@ -151,52 +158,70 @@ def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestRe
     _remove_temporaries(output)
     previous = _previous_records(output)
     report = IngestReport(output=output, records=[])
-    writer = _CaseWriter(output, previous, report)
 
-    frames, segmentations, niftis = _scan(files, source, report, progress)
-    decisions = [
-        decide(group, options.modality, options.resample_gaps, options.resample_tilt)
-        for group in group_frames(frames)
-    ]
-    seen_series = set()
-    total = len(decisions) + len(niftis)
-    for done, decision in enumerate(decisions, start=1):
-        seen_series.add(decision.series_uid)
-        report.records.append(
-            _dicom_case(
-                decision,
-                manifest.get(decision.series_uid),
-                segmentations.get(decision.series_uid, []),
-                source,
-                options,
-                writer,
+    with _executor(options.workers) as pool:
+        chunk = max(1, len(files) // (8 * options.workers))
+        scanned = []
+        for done, result in enumerate(pool.map(_scan_file, files, chunksize=chunk), start=1):
+            scanned.append(result)
+            if progress:
+                progress("reading", done, len(files))
+        frames, segmentations, niftis = _sort_scan(scanned, source, report)
+        decisions = [
+            decide(group, options.modality, options.resample_gaps, options.resample_tilt)
+            for group in group_frames(frames)
+        ]
+        images, paired = pair_labels(niftis)
+        jobs = []
+        for decision in decisions:
+            case_id = _dicom_case_id(decision)
+            jobs.append(
+                pool.submit(
+                    _dicom_case,
+                    decision,
+                    case_id,
+                    manifest.get(decision.series_uid),
+                    segmentations.get(decision.series_uid, []),
+                    source,
+                    options,
+                    previous.get(case_id),
+                )
             )
-        )
-        if progress:
-            progress("converting", done, total)
-    images, paired = pair_labels(niftis)
-    for done, image_path in enumerate(images, start=len(decisions) + 1):
-        relative = str(image_path.relative_to(source))
-        seen_series.add(relative)
-        entry = manifest.get(relative)
-        label_path = entry.label if entry else paired.get(image_path)
-        report.records.append(_nifti_case(image_path, relative, label_path, options, writer))
-        if progress:
-            progress("converting", done, total)
+        for image_path in images:
+            relative = str(image_path.relative_to(source))
+            entry = manifest.get(relative)
+            label_path = entry.label if entry else paired.get(image_path)
+            case_id = _case_id(f"nifti|{relative}")
+            jobs.append(
+                pool.submit(
+                    _nifti_case,
+                    image_path,
+                    relative,
+                    case_id,
+                    label_path,
+                    options,
+                    previous.get(case_id),
+                )
+            )
+        for done, job in enumerate(jobs, start=1):
+            record, outcome = job.result()
+            report.records.append(record)
+            if outcome == "converted":
+                report.converted.append(record["case_id"])
+            elif outcome == "unchanged":
+                report.unchanged.append(record["case_id"])
+            if progress:
+                progress("converting", done, len(jobs))
+
+    found = {d.series_uid for d in decisions} | {str(p.relative_to(source)) for p in images}
     for series_uid, entry in sorted(manifest.items()):
-        if series_uid not in seen_series:
+        if series_uid not in found:
             report.records.append(_missing_series_record(series_uid, entry))
     for series_uid, objects in sorted(segmentations.items()):
-        if series_uid not in seen_series:
+        if series_uid not in found:
             for segmentation in objects:
-                report.records.append(
-                    _file_record(
-                        segmentation.path,
-                        source,
-                        SKIPPED,
-                        f"DICOM SEG for series {series_uid}, which is not in the input folder",
-                    )
-                )
+                reason = f"DICOM SEG for series {series_uid}, which is not in the input folder"
+                report.records.append(_file_record(segmentation.path, source, SKIPPED, reason))
 
     _remove_stale_outputs(output, report.records)
     _write_json_atomic(output / "datalist.json", _datalist(report.records, options))
@@ -204,60 +229,42 @@ def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestRe
     return report
 
 
-class _CaseWriter:
-    """Writes a case's image and label atomically, or reuses an unchanged earlier result."""
+@dataclass(frozen=True)
+class _Scanned:
+    """One file's header, or why it has none (passed back from worker processes)."""
 
-    def __init__(self, output: Path, previous: dict[str, dict], report: IngestReport) -> None:
-        self.output = output
-        self.previous = previous
-        self.report = report
-
-    def reusable(self, case_id: str, content_hash: str) -> dict | None:
-        """The earlier record of an unchanged case whose outputs are still in place."""
-        earlier = self.previous.get(case_id)
-        if not earlier or earlier.get("content_hash") != content_hash:
-            return None
-        if earlier["status"] != ACCEPTED:
-            return earlier
-        outputs = [earlier.get("output"), earlier.get("label")]
-        if all((self.output / p).is_file() for p in outputs if p):
-            self.report.unchanged.append(case_id)
-            return earlier
-        return None
-
-    def write(self, case_id: str, image: nib.Nifti1Image, label: nib.Nifti1Image | None) -> None:
-        """Writes ``images/<case>.nii.gz`` (and ``labels/<case>.nii.gz``)."""
-        _save_atomic(image, self.output / "images" / f"{case_id}.nii.gz")
-        label_path = self.output / "labels" / f"{case_id}.nii.gz"
-        if label is not None:
-            _save_atomic(label, label_path)
-        elif label_path.exists():
-            label_path.unlink()
-        self.report.converted.append(case_id)
+    path: Path
+    dicom: DicomFile | None = None
+    error: str | None = None
+    not_dicom: bool = False
 
 
-def _scan(
-    files: list[Path], source: Path, report: IngestReport, progress: Progress | None
-) -> tuple[list, dict[str, list[SegmentationObject]], list[Path]]:
-    """Reads every file's header; records files that hold no usable image."""
-    frames = []
+def _scan_file(path: Path) -> _Scanned:
+    if is_nifti(path):
+        return _Scanned(path)
+    try:
+        return _Scanned(path, dicom=read_dicom_file(path))
+    except NotDicomError as error:
+        return _Scanned(path, error=str(error), not_dicom=True)
+    except UnreadableFileError as error:
+        return _Scanned(path, error=str(error))
+
+
+def _sort_scan(
+    scanned: list[_Scanned], source: Path, report: IngestReport
+) -> tuple[list[Frame], dict[str, list[SegmentationObject]], list[Path]]:
+    """Splits scanned files into image frames, SEG objects and NIfTI files; records the rest."""
+    frames: list[Frame] = []
     segmentations: dict[str, list[SegmentationObject]] = defaultdict(list)
     niftis = []
-    for done, path in enumerate(files, start=1):
-        if progress:
-            progress("reading", done, len(files))
-        if is_nifti(path):
+    for item in scanned:
+        path, dicom = item.path, item.dicom
+        if item.error is not None:
+            status = SKIPPED if item.not_dicom else REJECTED
+            report.records.append(_file_record(path, source, status, item.error))
+        elif dicom is None:
             niftis.append(path)
-            continue
-        try:
-            dicom = read_dicom_file(path)
-        except NotDicomError as error:
-            report.records.append(_file_record(path, source, SKIPPED, str(error)))
-            continue
-        except UnreadableFileError as error:
-            report.records.append(_file_record(path, source, REJECTED, str(error)))
-            continue
-        if dicom.segmented_series_uid == "":
+        elif dicom.segmented_series_uid == "":
             reason = "DICOM SEG without ReferencedSeriesSequence: its series is unknown"
             report.records.append(_file_record(path, source, REJECTED, reason))
         elif dicom.segmented_series_uid:
@@ -270,19 +277,24 @@ def _scan(
     return frames, segmentations, niftis
 
 
+def _dicom_case_id(decision: SeriesDecision) -> str:
+    first = decision.frames[0]
+    orientation = np.round(np.r_[first.row_direction, first.column_direction], 3) + 0.0
+    return _case_id(f"dicom|{decision.series_uid}|{orientation.tolist()}")
+
+
 def _dicom_case(
     decision: SeriesDecision,
+    case_id: str,
     entry: ManifestEntry | None,
     segmentations: list[SegmentationObject],
     source: Path,
     options: IngestOptions,
-    writer: _CaseWriter,
-) -> dict:
-    """Converts (or reuses) one decided DICOM series; returns its QC record."""
+    earlier: dict | None,
+) -> tuple[dict, str | None]:
+    """Converts (or reuses) one decided DICOM series; returns its QC record and outcome."""
     first = decision.frames[0]
     files = sorted({frame.path for frame in decision.frames})
-    orientation_key = np.round(np.r_[first.row_direction, first.column_direction], 3) + 0.0
-    case_id = _case_id(f"dicom|{decision.series_uid}|{orientation_key.tolist()}")
     label_source = entry.label if entry else (segmentations[0].path if segmentations else None)
     record = {
         "case_id": case_id,
@@ -304,18 +316,18 @@ def _dicom_case(
     }
     if decision.status != ACCEPTED:
         record["source"] = _relative_folder(files, source)
-        return record
+        return record, None
     digests = [f"{frame.file_digest}:{frame.frame_number}" for frame in decision.frames]
     record["content_hash"] = _content_hash(digests, label_source, options)
-    earlier = writer.reusable(case_id, record["content_hash"])
-    if earlier is not None:
-        return earlier
+    if _reusable(earlier, record["content_hash"], options.output):
+        return earlier, "unchanged"
     if len(segmentations) > 1 and entry is None:
-        return _rejected(record, files, source, "several DICOM SEG objects reference the series")
+        reason = "several DICOM SEG objects reference the series"
+        return _rejected(record, files, source, reason), None
     try:
         image = load_series(decision)
     except UnreadableFileError as error:
-        return _rejected(record, files, source, str(error))
+        return _rejected(record, files, source, str(error)), None
     record["orientation"] = "".join(nib.aff2axcodes(series_affine_ras(decision)))
     record["oblique"] = _is_oblique(image.affine)
     try:
@@ -331,19 +343,19 @@ def _dicom_case(
         else:
             label = None
     except (LabelError, FileNotFoundError) as error:
-        return _rejected(record, files, source, f"label: {error}")
-    return _accept(record, canonical(image), label, writer)
+        return _rejected(record, files, source, f"label: {error}"), None
+    return _accept(record, canonical(image), label, options.output), "converted"
 
 
 def _nifti_case(
     path: Path,
     relative: str,
+    case_id: str,
     label_path: Path | None,
     options: IngestOptions,
-    writer: _CaseWriter,
-) -> dict:
-    """Converts (or reuses) one NIfTI image; returns its QC record."""
-    case_id = _case_id(f"nifti|{relative}")
+    earlier: dict | None,
+) -> tuple[dict, str | None]:
+    """Converts (or reuses) one NIfTI image; returns its QC record and outcome."""
     record = {
         "case_id": case_id,
         "series_uid": None,
@@ -362,28 +374,42 @@ def _nifti_case(
         "resampled": False,
         "content_hash": _content_hash([_file_digest(path)], label_path, options),
     }
-    earlier = writer.reusable(case_id, record["content_hash"])
-    if earlier is not None:
-        return earlier
+    if _reusable(earlier, record["content_hash"], options.output):
+        return earlier, "unchanged"
     try:
         image = load_nifti_image(path)
         label = label_from_nifti(label_path, image) if label_path else None
     except NiftiInputError as error:
         record.update(status=REJECTED, reason=str(error), file=relative)
-        return record
+        return record, None
     except (LabelError, FileNotFoundError) as error:
         record.update(status=REJECTED, reason=f"label: {error}", file=relative)
-        return record
+        return record, None
     record["orientation"] = "".join(nib.aff2axcodes(nib.load(path).affine))
     record["oblique"] = _is_oblique(image.affine)
-    return _accept(record, image, label, writer)
+    return _accept(record, image, label, options.output), "converted"
+
+
+def _reusable(earlier: dict | None, content_hash: str, output: Path) -> bool:
+    """Whether an earlier record describes the same inputs and its outputs are in place."""
+    if not earlier or earlier.get("content_hash") != content_hash:
+        return False
+    outputs = [earlier.get("output"), earlier.get("label")]
+    return all((Path(output) / p).is_file() for p in outputs if p)
 
 
 def _accept(
-    record: dict, image: nib.Nifti1Image, label: nib.Nifti1Image | None, writer: _CaseWriter
+    record: dict, image: nib.Nifti1Image, label: nib.Nifti1Image | None, output: Path
 ) -> dict:
+    """Writes ``images/<case>.nii.gz`` (and ``labels/<case>.nii.gz``) and completes the record."""
     case_id = record["case_id"]
-    writer.write(case_id, image, label)
+    output = Path(output)
+    _save_atomic(image, output / "images" / f"{case_id}.nii.gz")
+    label_path = output / "labels" / f"{case_id}.nii.gz"
+    if label is not None:
+        _save_atomic(label, label_path)
+    elif label_path.exists():
+        label_path.unlink()
     record["output"] = f"images/{case_id}.nii.gz"
     record["label"] = f"labels/{case_id}.nii.gz" if label is not None else None
     record["shape"] = [int(n) for n in image.shape]
@@ -416,6 +442,23 @@ def _missing_series_record(series_uid: str, entry: ManifestEntry) -> dict:
         "input folder",
         "n_files": 0,
     }
+
+
+class _SameProcess(Executor):
+    """Runs submitted work at once, in this process (``workers=1``)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        """Runs ``fn`` now and returns its finished future."""
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # handed to the caller through the future
+            future.set_exception(error)
+        return future
+
+
+def _executor(workers: int) -> Executor:
+    return _SameProcess() if workers <= 1 else ProcessPoolExecutor(max_workers=workers)
 
 
 def _check_folders(source: Path, output: Path) -> tuple[Path, Path]:

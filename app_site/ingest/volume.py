@@ -47,7 +47,8 @@ def load_series(decision: SeriesDecision) -> nib.Nifti1Image:
         decision: An accepted decision.
 
     Returns:
-        float32 NIfTI image in the series' own voxel order (not yet canonical).
+        NIfTI image in the series' own voxel order (not yet canonical): int16 when every
+        value is an integer that fits, float32 otherwise.
 
     Raises:
         UnreadableFileError: If a file's pixels cannot be decoded or have the wrong shape.
@@ -58,7 +59,7 @@ def load_series(decision: SeriesDecision) -> nib.Nifti1Image:
     first = decision.frames[0]
     stacked = np.empty((first.columns, first.rows, len(decision.frames)), dtype=np.float32)
     for path, members in by_file.items():
-        pixels = decode_frames(path)
+        pixels = decode_frames(path, members[0][1].raw_pixels)
         for k, frame in members:
             index = frame.frame_number or 0
             if index >= len(pixels) or pixels[index].shape != (frame.rows, frame.columns):
@@ -68,7 +69,20 @@ def load_series(decision: SeriesDecision) -> nib.Nifti1Image:
                 )
             stored = pixels[index].astype(np.float32)
             stacked[:, :, k] = (stored * frame.rescale_slope + frame.rescale_intercept).T
-    return nifti_image(regularize(stacked, decision, nearest=False), series_affine_ras(decision))
+    volume = regularize(stacked, decision, nearest=False)
+    return nifti_image(_compact(volume, decision), series_affine_ras(decision))
+
+
+def _compact(volume: np.ndarray, decision: SeriesDecision) -> np.ndarray:
+    """Stores integer-valued volumes (integral rescale, no interpolation) as int16."""
+    integral = not decision.resampled and all(
+        float(f.rescale_slope).is_integer() and float(f.rescale_intercept).is_integer()
+        for f in decision.frames
+    )
+    limits = np.iinfo(np.int16)
+    if integral and limits.min <= volume.min() and volume.max() <= limits.max:
+        return volume.astype(np.int16)
+    return volume
 
 
 def regularize(stacked: np.ndarray, decision: SeriesDecision, nearest: bool) -> np.ndarray:

@@ -8,6 +8,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from app_site.ingest.frames import decode_frames, read_dicom_file
+
 from .helpers import (
     TEST_FILES,
     assert_same_voxels,
@@ -181,3 +183,24 @@ def test_corrupt_truncated_and_foreign_files_get_records_naming_them(tmp_path):
     (series,) = [r for r in report.records if r.get("series_uid")]
     assert series["status"] == "rejected" and "pixel data unreadable" in series["reason"]
     assert victim.name in series["reason"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        *sorted(CT5N.iterdir())[:2],
+        TEST_FILES / "MR_small.dcm",
+        TEST_FILES / "CT_small.dcm",
+        TEST_FILES / "MR_small_implicit.dcm",
+        TEST_FILES / "MR_small_bigendian.dcm",
+        TEST_FILES / "MR_small_RLE.dcm",
+    ],
+    ids=lambda p: p.name,
+)
+def test_direct_pixel_reading_matches_pydicom(path):
+    (frame,) = read_dicom_file(path).frames
+    decoded = decode_frames(path, frame.raw_pixels)
+    np.testing.assert_array_equal(decoded[0], pydicom.dcmread(path).pixel_array)
+    compressed = pydicom.dcmread(path).file_meta.TransferSyntaxUID.is_compressed
+    big_endian = "bigendian" in path.name
+    assert (frame.raw_pixels is None) == (compressed or big_endian)

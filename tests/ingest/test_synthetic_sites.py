@@ -116,6 +116,14 @@ def test_source_is_untouched_and_a_rerun_changes_nothing(hospitals, tmp_path):
     assert sorted(second.unchanged) == sorted(first.converted) and not second.converted
 
 
+def test_worker_processes_give_the_same_dataset(hospitals, tmp_path):
+    out, _ = hospitals
+    source, manifest = out / "site-3" / "dicom", out / "site-3" / "manifest.csv"
+    run_ingest(source, tmp_path / "one", manifest=manifest, workers=1)
+    run_ingest(source, tmp_path / "two", manifest=manifest, workers=2)
+    assert tree_digest(tmp_path / "one") == tree_digest(tmp_path / "two")
+
+
 def test_interrupted_run_then_rerun_equals_one_clean_run(hospitals, tmp_path):
     out, _ = hospitals
     source = out / "site-1" / "dicom"
