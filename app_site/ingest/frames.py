@@ -134,6 +134,8 @@ def read_dicom_file(path: Path) -> DicomFile:
     """
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
+    if data[:2] == b"\x1f\x8b":
+        raise NotDicomError("gzip-compressed file: decompress it to ingest it")
     has_preamble = data[128:132] == b"DICM"
     stream = io.BytesIO(data)
     try:

@@ -22,6 +22,9 @@ ACCEPTED, REJECTED, SKIPPED = "accepted", "rejected", "skipped"
 #: Fewest slices that make a volume; single images and localizers are skipped.
 MIN_SLICES = 2
 
+#: Largest in-plane drift of a slice, in pixels, that still counts as an orthogonal stack.
+_MAX_DRIFT_PIXELS = 0.25
+
 #: Frames closer than this along the normal are at the same position.
 _SAME_POSITION_MM = 1e-3
 
@@ -101,6 +104,12 @@ def decide(
     for kind in ("LOCALIZER", "PROJECTION IMAGE"):
         if any(kind in frame.image_type for frame in frames):
             return verdict(SKIPPED, f"{kind.lower()} (ImageType {kind}), not a volume")
+    if any("MOSAIC" in frame.image_type for frame in frames):
+        return verdict(
+            SKIPPED,
+            "Siemens mosaic (slices tiled in one image) is not supported: export the series "
+            "with one file per slice, or convert it with dcm2niix and ingest the NIfTI",
+        )
     if len(frames) < MIN_SLICES:
         return verdict(SKIPPED, "single slice in this orientation: not a 3D volume")
     inconsistent = _inconsistent_matrix(ordered)
@@ -119,7 +128,7 @@ def decide(
         )
     spacing = float(np.median(along_normal))
     problems = []
-    tilt = _tilt_problem(steps, along_normal, normal, spacing)
+    tilt = _tilt_problem(positions, normal, spacing, min(first.pixel_spacing))
     if tilt:
         if not resample_tilt:
             return verdict(REJECTED, f"{tilt}; --resample-tilt resamples it to an orthogonal grid")
@@ -148,13 +157,20 @@ def _inconsistent_matrix(frames: tuple[Frame, ...]) -> str:
 
 
 def _tilt_problem(
-    steps: np.ndarray, along_normal: np.ndarray, normal: np.ndarray, spacing: float
+    positions: np.ndarray, normal: np.ndarray, spacing: float, pixel_spacing: float
 ) -> str:
-    """Describes slices that shift in-plane from one to the next ('' if none)."""
-    in_plane = np.linalg.norm(steps - np.outer(along_normal, normal), axis=1)
-    if np.max(in_plane) <= 0.01 + 1e-3 * spacing:
+    """Describes slices that drift in-plane along the series ('' if none).
+
+    A slice counts as drifted when it lies more than a quarter pixel away from the line along
+    the normal through the first slice: header rounding stays far below that, while a real
+    gantry tilt soon exceeds it.
+    """
+    relative = positions - positions[0]
+    heights = relative @ normal
+    in_plane = relative - np.outer(heights, normal)
+    if np.max(np.linalg.norm(in_plane, axis=1)) <= _MAX_DRIFT_PIXELS * pixel_spacing:
         return ""
-    shift = float(np.median(in_plane))
+    shift = float(np.median(np.linalg.norm(np.diff(in_plane, axis=0), axis=1)))
     angle = math.degrees(math.atan2(shift, spacing))
     return (
         f"sheared geometry (gantry tilt about {angle:.1f} degrees): slices shift "

@@ -95,6 +95,12 @@ def test_non_uniform_spacing_is_rejected(tmp_path):
     assert record["reason"].startswith("non-uniform slice spacing")
 
 
+def test_header_rounding_is_not_taken_for_tilt(tmp_path):
+    write_linear_series(tmp_path / "in" / "series", in_plane_shift_mm=(0.004, -0.003, 0.0))
+    (record,) = run_ingest(tmp_path / "in", tmp_path / "out").records
+    assert record["status"] == "accepted" and not record["resampled"]
+
+
 def test_gantry_tilt_is_detected_and_resampled_to_an_orthogonal_grid(tmp_path):
     shift = (0.0, 0.9, 0.0)  # each slice 0.9 mm further posterior: tilt about left-right
     _, grid = write_linear_series(tmp_path / "in" / "series", in_plane_shift_mm=shift)

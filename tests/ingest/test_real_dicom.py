@@ -1,6 +1,7 @@
 """Ingestion of real DICOM files that install with pydicom and pydicom-data."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -204,3 +205,17 @@ def test_direct_pixel_reading_matches_pydicom(path):
     compressed = pydicom.dcmread(path).file_meta.TransferSyntaxUID.is_compressed
     big_endian = "bigendian" in path.name
     assert (frame.raw_pixels is None) == (compressed or big_endian)
+
+
+def test_nibabel_siemens_and_philips_files(tmp_path):
+    """nibabel's DICOM test data: Siemens mosaics, gzipped files, a file with no series UID."""
+    import nibabel
+
+    source = Path(nibabel.__file__).parent / "nicom" / "tests" / "data"
+    report = run_ingest(source, tmp_path / "out")
+    by_file = {r.get("file"): r for r in report.records if r.get("file")}
+    mosaics = [r for r in report.records if "Siemens mosaic" in r["reason"]]
+    assert len(mosaics) == 2 and {r["status"] for r in mosaics} == {"skipped"}
+    assert by_file["philips_mprage.dcm.gz"]["reason"].startswith("gzip-compressed file")
+    assert by_file["decimal_rescale.dcm"]["status"] == "rejected"
+    assert "no SeriesInstanceUID" in by_file["decimal_rescale.dcm"]["reason"]
