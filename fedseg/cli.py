@@ -16,12 +16,29 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from app_site.harmonization import (
+    apply_to_dataset,
+    check_dataset,
+    dataset_modality,
+    site_statistics,
+)
 from app_site.ingest.labels import LabelError
 from app_site.ingest.pipeline import MODALITIES, IngestOptions, IngestReport, ingest
 from app_site.ingest.series import ACCEPTED
 from fedseg import __version__
+from fedseg.artifacts import ArtifactError, write_artifact
+from fedseg.harmonization import (
+    DEFAULT_MIN_IMAGES,
+    METHODS,
+    HarmonizationConfig,
+    HarmonizationError,
+    combine_statistics,
+    default_method,
+    read_harmonization_artifact,
+)
 from fedseg.synth.check import CaseCheck, SynthCheckError, check_hospitals
 from fedseg.synth.hospitals import CaseSummary, SiteSummary, SynthConfig, synthesize_hospitals
+from transforms.masks import MASK_METHODS
 
 # Wide enough for the summary tables when output goes to a file or a CI log, where rich
 # would otherwise assume 80 columns and truncate cells.
@@ -43,8 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, SynthCheckError, LabelError) as error:
-        error_console.print(f"[bold red]fedseg {args.command}: error:[/] {error}", highlight=False)
+    except (
+        ValueError,
+        FileNotFoundError,
+        SynthCheckError,
+        LabelError,
+        HarmonizationError,
+        ArtifactError,
+    ) as error:
+        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+        error_console.print(f"[bold red]fedseg {command}: error:[/] {error}", highlight=False)
         return 2
 
 
@@ -115,6 +140,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_workers_argument(ingest_command)
     ingest_command.set_defaults(handler=run_ingest)
+
+    harmonize = commands.add_parser(
+        "harmonize",
+        help="fit, apply or check intensity harmonization on ingested datasets",
+        description="Intensity harmonization from aggregate statistics (see `fit`).",
+    )
+    actions = harmonize.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fit = actions.add_parser(
+        "fit",
+        help="fit an artifact from datasets, combined exactly as the federated job does",
+        description="Compute each dataset's declared statistics separately and combine them "
+        "exactly as the federated harmonization job does.",
+    )
+    fit.add_argument(
+        "--dataset", type=Path, action="append", required=True, help="ingested dataset (repeat)"
+    )
+    fit.add_argument("--out", type=Path, required=True, help="artifact file to write")
+    fit.add_argument("--method", choices=METHODS, help="default: nyul for MR, ct for CT")
+    fit.add_argument(
+        "--mask", choices=MASK_METHODS, default="brain", help="foreground mask (default brain)"
+    )
+    fit.add_argument(
+        "--min-images",
+        type=int,
+        default=DEFAULT_MIN_IMAGES,
+        help=f"fewest images per dataset (default {DEFAULT_MIN_IMAGES})",
+    )
+    fit.set_defaults(handler=run_harmonize_fit)
+    apply = actions.add_parser("apply", help="write a dataset's images harmonized")
+    apply.add_argument("--artifact", type=Path, required=True)
+    apply.add_argument("--dataset", type=Path, required=True)
+    apply.add_argument("--output", type=Path, required=True)
+    apply.set_defaults(handler=run_harmonize_apply)
+    check = actions.add_parser(
+        "check", help="how far a dataset lies from the standard scale, per landmark"
+    )
+    check.add_argument("--artifact", type=Path, required=True)
+    check.add_argument("--dataset", type=Path, required=True)
+    check.set_defaults(handler=run_harmonize_check)
 
     demo = commands.add_parser(
         "demo",
@@ -215,6 +279,61 @@ def ingest_table(report: IngestReport) -> Table:
             reason,
         )
     return table
+
+
+def run_harmonize_fit(args: argparse.Namespace) -> int:
+    """Handles ``fedseg harmonize fit``."""
+    modalities = {dataset_modality(dataset) for dataset in args.dataset}
+    if len(modalities) != 1:
+        raise HarmonizationError(f"datasets hold different modalities: {sorted(modalities)}")
+    modality = modalities.pop()
+    config = HarmonizationConfig(
+        method=args.method or default_method(modality),
+        mask_method=args.mask,
+        min_images=args.min_images,
+    )
+    statistics = {}
+    for dataset in args.dataset:
+        name = _unique_name(dataset, statistics)
+        statistics[name] = site_statistics(dataset, config)
+    digest = write_artifact(combine_statistics(config, statistics, modality), args.out)
+    console.print(
+        f"Fitted {config.method} harmonization on {sum(s.image_count for s in statistics.values())}"
+        f" images from {len(statistics)} dataset(s): {args.out} (hash {digest[:12]})"
+    )
+    return 0
+
+
+def run_harmonize_apply(args: argparse.Namespace) -> int:
+    """Handles ``fedseg harmonize apply``."""
+    artifact = read_harmonization_artifact(args.artifact)
+    written = apply_to_dataset(artifact, args.dataset, args.output)
+    console.print(f"Wrote {len(written)} harmonized image(s) to {args.output}")
+    return 0
+
+
+def run_harmonize_check(args: argparse.Namespace) -> int:
+    """Handles ``fedseg harmonize check``."""
+    artifact = read_harmonization_artifact(args.artifact)
+    table = Table(title=f"{args.dataset} against {args.artifact.name}")
+    for header in ("percentile", "dataset mean", "standard", "deviation"):
+        table.add_column(header, justify="right")
+    for row in check_dataset(artifact, args.dataset):
+        table.add_row(
+            f"{row.percentile:g}",
+            f"{row.site_mean:.2f}",
+            f"{row.standard:.2f}",
+            f"{row.deviation:+.2f}",
+        )
+    console.print(table)
+    return 0
+
+
+def _unique_name(dataset: Path, taken: dict) -> str:
+    name, number = dataset.resolve().name, 2
+    while name in taken:
+        name, number = f"{dataset.resolve().name}-{number}", number + 1
+    return name
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -55,7 +55,7 @@ from app_site.ingest.series import (
     decide,
     group_frames,
 )
-from app_site.ingest.volume import canonical, load_series, series_affine_ras
+from app_site.ingest.volume import canonical, load_series, save_nifti_atomic, series_affine_ras
 
 #: Version of the output format; part of every content hash, so a new version re-converts.
 INGEST_FORMAT_VERSION = 1
@@ -404,10 +404,10 @@ def _accept(
     """Writes ``images/<case>.nii.gz`` (and ``labels/<case>.nii.gz``) and completes the record."""
     case_id = record["case_id"]
     output = Path(output)
-    _save_atomic(image, output / "images" / f"{case_id}.nii.gz")
+    save_nifti_atomic(image, output / "images" / f"{case_id}.nii.gz")
     label_path = output / "labels" / f"{case_id}.nii.gz"
     if label is not None:
-        _save_atomic(label, label_path)
+        save_nifti_atomic(label, label_path)
     elif label_path.exists():
         label_path.unlink()
     record["output"] = f"images/{case_id}.nii.gz"
@@ -526,12 +526,6 @@ def _remove_stale_outputs(output: Path, records: list[dict]) -> None:
         for path in (output / folder).glob("case-*.nii.gz"):
             if f"{folder}/{path.name}" not in keep:
                 path.unlink()
-
-
-def _save_atomic(image: nib.Nifti1Image, path: Path) -> None:
-    temporary = path.with_name(f".tmp-{path.name}")
-    nib.save(image, temporary)
-    os.replace(temporary, path)
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:

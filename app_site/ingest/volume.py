@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -158,3 +160,16 @@ def nifti_image(volume: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     image.header.set_sform(affine, code=1)
     image.header.set_xyzt_units(xyz="mm")
     return image
+
+
+def save_nifti_atomic(image: nib.Nifti1Image, path: Path) -> None:
+    """Writes an image under a temporary name, then renames it into place.
+
+    Args:
+        image: The image.
+        path: Destination (``.nii`` or ``.nii.gz``).
+    """
+    path = Path(path)
+    temporary = path.with_name(f".tmp-{path.name}")
+    nib.save(image, temporary)
+    os.replace(temporary, path)

@@ -1,0 +1,45 @@
+"""The harmonization fit as a real NVFlare job in the simulator (server and client processes)."""
+
+import json
+
+import numpy as np
+import pytest
+from nvflare.recipe import SimEnv
+
+from app_site.harmonization import site_statistics
+from fedseg.harmonization import HarmonizationConfig, combine_statistics
+from jobs.harmonization import HarmonizationRecipe, find_artifact
+
+CONFIG = HarmonizationConfig(min_images=2)
+
+
+@pytest.fixture
+def site_environment(datasets, monkeypatch):
+    for index, name in enumerate(sorted(datasets), start=1):
+        monkeypatch.setenv(f"FEDSEG_DATASET_SITE_{index}", str(datasets[name]))
+    return datasets
+
+
+def test_simulated_federation_fits_what_the_centralized_fit_gives(site_environment, tmp_path):
+    recipe = HarmonizationRecipe(CONFIG, "MR", min_sites=3, timeout=300)
+    run = recipe.execute(SimEnv(num_clients=3, workspace_root=str(tmp_path / "sim")))
+    artifact = json.loads(find_artifact(run.get_result()).read_text())
+    centralized = combine_statistics(
+        CONFIG,
+        {name: site_statistics(folder, CONFIG) for name, folder in site_environment.items()},
+        "MR",
+    )
+    assert artifact["site_images"] == centralized["site_images"]
+    np.testing.assert_allclose(
+        artifact["standard_scale"], centralized["standard_scale"], rtol=0, atol=1e-6
+    )
+
+
+def test_a_refusing_site_fails_the_job_loudly(site_environment, tmp_path):
+    recipe = HarmonizationRecipe(HarmonizationConfig(min_images=3), "MR", min_sites=3, timeout=300)
+    with pytest.raises(RuntimeError, match="Simulation failed"):
+        recipe.execute(SimEnv(num_clients=3, workspace_root=str(tmp_path / "sim")))
+    logs = "".join(p.read_text() for p in (tmp_path / "sim").rglob("log.txt"))
+    assert "harmonization fit failed: 1 site(s) sent statistics, 3 needed" in logs
+    assert "fewer than the 3 a site needs" in logs
+    assert not list((tmp_path / "sim").rglob("harmonization.json"))
