@@ -321,6 +321,30 @@ def acquire(
     points = grid.world_points()
     texture = SmoothField.random(rng, 6, (8.0, 30.0), 0.03)
     signal *= 1.0 + texture(points)
+    physical = scanner_response(signal, points, scanner, rng)
+    stored_type = _STORAGE_TYPES[scanner.storage]
+    limits = np.iinfo(stored_type)
+    stored = np.rint((physical - scanner.rescale_intercept) / scanner.rescale_slope)
+    return np.clip(stored, limits.min, limits.max).astype(stored_type)
+
+
+def scanner_response(
+    signal: np.ndarray,
+    points: np.ndarray,
+    scanner: ScannerProfile,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """What a scanner makes of a noise-free signal: blur, bias field, noise, response curve.
+
+    Args:
+        signal: ``[k, j, i]`` signal relative to white matter (about 1), float32.
+        points: ``(3, k, j, i)`` millimetre coordinates of the voxels (for the bias field).
+        scanner: The scanner profile.
+        rng: Source of randomness (bias field, noise).
+
+    Returns:
+        Physical intensities (before integer storage), float32.
+    """
     sigma_in_plane = scanner.in_plane_blur
     signal = ndimage.gaussian_filter(
         signal, sigma=(scanner.slice_blur, sigma_in_plane, sigma_in_plane), mode="nearest"
@@ -330,8 +354,4 @@ def acquire(
     real = signal + rng.normal(0.0, scanner.noise_std, size=signal.shape).astype(np.float32)
     imaginary = rng.normal(0.0, scanner.noise_std, size=signal.shape).astype(np.float32)
     magnitude = np.sqrt(real * real + imaginary * imaginary)
-    physical = scanner.intensity_offset + scanner.intensity_scale * magnitude**scanner.gamma
-    stored_type = _STORAGE_TYPES[scanner.storage]
-    limits = np.iinfo(stored_type)
-    stored = np.rint((physical - scanner.rescale_intercept) / scanner.rescale_slope)
-    return np.clip(stored, limits.min, limits.max).astype(stored_type)
+    return scanner.intensity_offset + scanner.intensity_scale * magnitude**scanner.gamma

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from nvflare.recipe import SimEnv
+from nvflare.recipe import PocEnv, SimEnv
 
 from app_site.harmonization import site_statistics
 from fedseg.harmonization import HarmonizationConfig, combine_statistics
@@ -43,3 +43,26 @@ def test_a_refusing_site_fails_the_job_loudly(site_environment, tmp_path):
     assert "harmonization fit failed: 1 site(s) sent statistics, 3 needed" in logs
     assert "fewer than the 3 a site needs" in logs
     assert not list((tmp_path / "sim").rglob("harmonization.json"))
+
+
+def test_poc_federation_fits_the_same_artifact(site_environment, tmp_path, monkeypatch):
+    """A real local federation: provisioned server and clients, job submitted by the admin API."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # nvflare poc writes ~/.nvflare
+    monkeypatch.setenv("NVFLARE_POC_WORKSPACE", str(tmp_path / "poc"))
+    env = PocEnv(num_clients=3)
+    try:
+        run = HarmonizationRecipe(CONFIG, "MR", min_sites=3, timeout=300).execute(env)
+        result = run.get_result(timeout=300, clean_up=False)
+        assert result is not None, "the job did not finish"
+        artifact = json.loads(find_artifact(result).read_text())
+    finally:
+        env.stop(clean_up=True)
+    centralized = combine_statistics(
+        CONFIG,
+        {name: site_statistics(folder, CONFIG) for name, folder in site_environment.items()},
+        "MR",
+    )
+    np.testing.assert_allclose(
+        artifact["standard_scale"], centralized["standard_scale"], rtol=0, atol=1e-6
+    )
+    assert not (tmp_path / "poc").exists(), "the POC workspace is cleaned up"
