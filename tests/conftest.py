@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from app_site.ingest.pipeline import IngestOptions, ingest
 from fedseg.synth.hospitals import SiteSummary, SynthConfig, synthesize_hospitals
 
 #: Small enough for the suite, large enough that every tissue has interior voxels.
@@ -14,3 +15,21 @@ def hospitals(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Site
     out = tmp_path_factory.mktemp("hospitals")
     sites = synthesize_hospitals(SynthConfig(out=out, **HOSPITALS), workers=2)
     return out, sites
+
+
+@pytest.fixture(scope="session")
+def datasets(hospitals, tmp_path_factory):
+    """The simulated hospitals, ingested: site name -> dataset folder."""
+    out, sites = hospitals
+    folders = {}
+    for site in sites[:3]:
+        target = tmp_path_factory.mktemp(f"dataset-{site.name}")
+        ingest(
+            IngestOptions(
+                source=out / site.name / "dicom",
+                output=target,
+                manifest=out / site.name / "manifest.csv",
+            )
+        )
+        folders[site.name] = target
+    return folders

@@ -19,3 +19,17 @@ class ArrayTwin(MapTransform):
         for key in self.key_iterator(result):
             result[key] = self.transform(result[key])
         return result
+
+
+class Applyd(ArrayTwin):
+    """Applies a given array transform (for example one defined by an artifact) to keys.
+
+    Args:
+        keys: Keys to transform.
+        transform: The array transform.
+        allow_missing_keys: Skip absent keys.
+    """
+
+    def __init__(self, keys, transform: Transform, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform = transform

@@ -21,7 +21,7 @@ class CanonicalOrientation(Transform):
     """
 
     def __init__(self) -> None:
-        self._orientation = Orientation(axcodes="RAS")
+        self._orientation = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
 
     def __call__(self, image: NdarrayOrTensor) -> NdarrayOrTensor:
         """Reorients ``image``."""

@@ -1,0 +1,218 @@
+"""The run configuration: one typed, validated YAML file shared by job and site code.
+
+Unknown keys are errors (with the closest known key suggested), so a typo never silently
+falls back to a default. Site-specific paths (datasets) never appear here: sites find their
+own data (:mod:`app_site.site_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the file."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network, with which constructor arguments (see :mod:`models.networks`)."""
+
+    name: str = "unet"
+    args: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Pre-processing: target voxel spacing, training crop, caching."""
+
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    roi_size: tuple[int, int, int] = (128, 128, 128)
+    cache_rate: float = 1.0
+    num_workers: int = 4
+
+
+@dataclass(frozen=True)
+class HarmonizationSettings:
+    """Intensity harmonization: ``nyul``, ``zscore``, ``ct`` or ``none``.
+
+    Fitted federatedly before training when the job is given no artifact.
+    """
+
+    method: str = "nyul"
+    mask: str = "brain"
+    min_images: int = 5
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimization and federation schedule."""
+
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-5
+    local_steps: int = 100
+    batch_size: int = 2
+    rounds: int = 50
+    min_sites: int = 2
+    amp: bool = True
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Sliding-window inference during validation."""
+
+    sw_batch_size: int = 4
+    overlap: float = 0.5
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a federated segmentation run needs, except where each site's data is."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    harmonization: HarmonizationSettings = field(default_factory=HarmonizationSettings)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def to_dict(self) -> dict:
+        """Plain YAML/JSON form."""
+        return _plain(dataclasses.asdict(self))
+
+
+def load_config(source: str | Path) -> RunConfig:
+    """Loads a configuration from a YAML file or a built-in profile name (``tiny``, ``gpu``).
+
+    Args:
+        source: Path to a YAML file, or a profile name.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: If the file is missing or malformed, a key is unknown or a value invalid.
+    """
+    path = Path(source)
+    if not path.is_file():
+        profile = PROFILES_DIR / f"{source}.yaml"
+        if not profile.is_file():
+            names = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+            raise ConfigError(f"{source}: no such file or built-in profile (profiles: {names})")
+        path = profile
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+    return config_from_dict(document, str(path))
+
+
+def config_from_dict(document: dict, where: str = "configuration") -> RunConfig:
+    """Validates a plain dict into a :class:`RunConfig`.
+
+    Args:
+        document: Parsed YAML.
+        where: Name of the source, for error messages.
+
+    Returns:
+        The configuration.
+
+    Raises:
+        ConfigError: On unknown keys or invalid values.
+    """
+    config = _build(RunConfig, document, where, "")
+    _check_values(config, where)
+    return config
+
+
+def _build(cls: type, values: Any, where: str, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {prefix}{key}{hint}")
+    arguments = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            arguments[key] = _build(hint, value, where, f"{prefix}{key}.")
+        else:
+            arguments[key] = _coerce(value, hint, where, f"{prefix}{key}")
+    return cls(**arguments)
+
+
+def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
+    origin = getattr(hint, "__origin__", None)
+    try:
+        if origin is tuple:
+            item_type = hint.__args__[0]
+            if not isinstance(value, list | tuple) or len(value) != len(hint.__args__):
+                raise TypeError(f"a list of {len(hint.__args__)} numbers")
+            return tuple(item_type(v) for v in value)
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise TypeError("true or false")
+            return value
+        if hint in (int, float, str):
+            if isinstance(value, bool) or (hint is int and isinstance(value, float)):
+                raise TypeError(hint.__name__)
+            return hint(value)
+        if hint is dict:
+            if not isinstance(value, dict):
+                raise TypeError("a mapping")
+            return dict(value)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: {key} must be {error}, got {value!r}") from error
+    return value
+
+
+def _check_values(config: RunConfig, where: str) -> None:
+    from models.networks import NETWORKS
+
+    problems = []
+    if config.model.name not in NETWORKS:
+        problems.append(f"model.name must be one of {sorted(NETWORKS)}")
+    if min(config.data.spacing) <= 0:
+        problems.append("data.spacing must be positive")
+    if min(config.data.roi_size) < 16 or any(s % 16 for s in config.data.roi_size):
+        problems.append("data.roi_size must be multiples of 16, at least 16")
+    if not 0.0 <= config.data.cache_rate <= 1.0:
+        problems.append("data.cache_rate must be in [0, 1]")
+    if config.harmonization.method not in ("nyul", "zscore", "ct", "none"):
+        problems.append("harmonization.method must be nyul, zscore, ct or none")
+    training = config.training
+    if training.optimizer not in ("adamw", "sgd"):
+        problems.append("training.optimizer must be adamw or sgd")
+    if training.learning_rate <= 0:
+        problems.append("training.learning_rate must be positive")
+    for name in ("local_steps", "batch_size", "rounds", "min_sites"):
+        if getattr(training, name) < 1:
+            problems.append(f"training.{name} must be at least 1")
+    if training.device not in ("auto", "cpu", "cuda"):
+        problems.append("training.device must be auto, cpu or cuda")
+    if not 0.0 <= config.validation.overlap < 1.0:
+        problems.append("validation.overlap must be in [0, 1)")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,62 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from models.networks import NETWORKS, BratsSegResNet, SmallUNet, build_network
+from transforms.regions import REGIONS, LabelsToRegions, LabelsToRegionsd
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_networks_rebuild_from_their_recorded_arguments(name):
+    """What NVFlare's persistor records (import path + attributes) rebuilds the same network."""
+    network = build_network(name, in_channels=1, out_channels=3)
+    cls = type(network)
+    parameters = [
+        p for p in cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount]
+    ]
+    recorded = {p: getattr(network, p) for p in parameters}
+    rebuilt = cls(**recorded)
+    assert cls.__module__ == "models.networks"
+    assert sum(p.numel() for p in rebuilt.parameters()) == sum(
+        p.numel() for p in network.parameters()
+    )
+    output = network(torch.zeros(1, 1, 32, 32, 32))
+    assert tuple(output.shape) == (1, 3, 32, 32, 32)
+
+
+def test_segresnet_brats_configuration_size():
+    network = BratsSegResNet()
+    assert sum(p.numel() for p in network.parameters()) == pytest.approx(4.7e6, rel=0.02)
+    assert network.blocks_down == [1, 2, 2, 4] and network.init_filters == 16
+    assert SmallUNet().channels == [8, 16, 32]
+
+
+def test_unknown_networks_and_arguments_are_refused():
+    with pytest.raises(ValueError, match="unknown network 'vnet'"):
+        build_network("vnet")
+    with pytest.raises(ValueError, match="network unet"):
+        build_network("unet", depth=5)
+
+
+def test_regions_from_labels():
+    label = np.array([0, 1, 2, 3]).reshape(1, 4, 1, 1)
+    regions = np.asarray(LabelsToRegions()(label))[:, :, 0, 0]
+    np.testing.assert_array_equal(regions[0], [0, 1, 0, 1])  # TC: necrotic + enhancing
+    np.testing.assert_array_equal(regions[1], [0, 1, 1, 1])  # WT: all tumour
+    np.testing.assert_array_equal(regions[2], [0, 0, 0, 1])  # ET
+    twin = LabelsToRegionsd("label")({"label": torch.as_tensor(label)})
+    assert isinstance(twin["label"], torch.Tensor) and twin["label"].shape[0] == 3
+    with pytest.raises(ValueError, match="one-channel label map"):
+        LabelsToRegions()(np.zeros((2, 3, 3, 3)))
+
+
+def test_bundle_metadata_matches_the_code():
+    metadata = json.loads((Path(models.__file__).parent / "metadata.json").read_text())
+    assert list(metadata["regions"]) == list(REGIONS)
+    for region, labels in REGIONS.items():
+        assert tuple(metadata["regions"][region]["labels"]) == labels
+    assert metadata["outputs"]["pred"]["num_channels"] == len(REGIONS)
