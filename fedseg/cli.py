@@ -7,6 +7,7 @@ clear message on stderr with exit status 2; nothing else is caught.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from app_site.ingest.pipeline import MODALITIES, IngestOptions, IngestReport, in
 from app_site.ingest.series import ACCEPTED
 from fedseg import __version__
 from fedseg.artifacts import ArtifactError, write_artifact
+from fedseg.config import load_config
 from fedseg.harmonization import (
     DEFAULT_MIN_IMAGES,
     METHODS,
@@ -38,6 +40,7 @@ from fedseg.harmonization import (
 )
 from fedseg.synth.check import CaseCheck, SynthCheckError, check_hospitals
 from fedseg.synth.hospitals import CaseSummary, SiteSummary, SynthConfig, synthesize_hospitals
+from jobs.runner import export_job, run_job
 from transforms.masks import MASK_METHODS
 
 # Wide enough for the summary tables when output goes to a file or a CI log, where rich
@@ -179,6 +182,32 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--artifact", type=Path, required=True)
     check.add_argument("--dataset", type=Path, required=True)
     check.set_defaults(handler=run_harmonize_check)
+
+    job = commands.add_parser(
+        "job", help="run the federated segmentation job in the simulator, or export it"
+    )
+    job_actions = job.add_subparsers(dest="action", required=True, metavar="ACTION")
+    job_run = job_actions.add_parser(
+        "run",
+        help="run FedAvg in NVFlare's simulator on ingested datasets",
+        description="Run the segmentation job in NVFlare's simulator, one simulated site per "
+        "--site dataset (site-1 is the first). Harmonization is fitted federatedly first when "
+        "the configuration asks for it and no artifact is given.",
+    )
+    job_run.add_argument("--config", required=True, help="run configuration YAML or profile")
+    job_run.add_argument(
+        "--site", type=Path, action="append", required=True, help="ingested dataset (repeat)"
+    )
+    job_run.add_argument("--workdir", type=Path, required=True, help="where results go")
+    job_run.add_argument("--harmonization", type=Path, help="fitted harmonization artifact")
+    job_run.set_defaults(handler=run_job_command)
+    job_export = job_actions.add_parser(
+        "export", help="write the job folder for nvflare job submit / the admin console"
+    )
+    job_export.add_argument("--config", required=True, help="run configuration YAML or profile")
+    job_export.add_argument("--out", type=Path, required=True, help="job folder to write")
+    job_export.add_argument("--harmonization", type=Path, help="fitted harmonization artifact")
+    job_export.set_defaults(handler=export_job_command)
 
     demo = commands.add_parser(
         "demo",
@@ -334,6 +363,38 @@ def _unique_name(dataset: Path, taken: dict) -> str:
     while name in taken:
         name, number = f"{dataset.resolve().name}-{number}", number + 1
     return name
+
+
+def run_job_command(args: argparse.Namespace) -> int:
+    """Handles ``fedseg job run``."""
+    config = load_config(args.config)
+    console.print(
+        f"Running {config.training.rounds} round(s) of FedAvg on {len(args.site)} simulated "
+        f"site(s) with {config.model.name}; logs under {args.workdir / 'simulation'}"
+    )
+    report = run_job(config, args.site, args.workdir, args.harmonization)
+    table = Table(title="Validation of the global model at each site (last round)")
+    for header in ("site", "device", "Dice TC", "Dice WT", "Dice ET", "HD95 WT mm"):
+        table.add_column(header)
+    for path in sorted(report.glob("site-*.json")):
+        document = json.loads(path.read_text())
+        metrics = document["rounds"][-1]["metrics"]
+        table.add_row(
+            document["site"],
+            document["device"],
+            *(f"{metrics[f'dice_{r}']:.3f}" for r in ("TC", "WT", "ET")),
+            f"{metrics['hd95_WT']:.1f}",
+        )
+    console.print(table)
+    console.print(f"Site metrics are in {report}")
+    return 0
+
+
+def export_job_command(args: argparse.Namespace) -> int:
+    """Handles ``fedseg job export``."""
+    folder = export_job(load_config(args.config), args.out, args.harmonization)
+    console.print(f"Job folder written to {folder}; submit it with `nvflare job submit -j`")
+    return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:

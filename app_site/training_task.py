@@ -1,0 +1,161 @@
+"""NVFlare Client API loop of the segmentation job: a thin shell over the site engine.
+
+Each round the site validates the global model it received on its own validation split,
+trains locally, and sends its update (as a difference to the global model: the job's transfer
+type) with the number of steps. ``evaluate`` and
+``submit_model`` tasks are served too. Metrics (never images) are sent with each result and
+recorded in ``fedseg_metrics_<site>.json`` in the site's working folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import nvflare.client as flare
+import torch
+from nvflare.apis.fl_constant import FLMetaKey
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+from app_site.engine import CaseMetrics, SegmentationEngine
+from app_site.site_config import site_dataset
+from fedseg.config import load_config
+from fedseg.harmonization import artifact_transform, read_harmonization_artifact
+
+RUN_CONFIG_FILE = "fedseg_run.yaml"
+ARTIFACT_FILE = "fedseg_harmonization.json"
+JOB_MANIFEST_FILE = "fedseg_job.json"
+#: Site metrics file, named per site: the simulator may run several sites in one process.
+METRICS_FILE = "fedseg_metrics_{site}.json"
+
+
+def summarize(cases: list[CaseMetrics]) -> dict[str, float]:
+    """Mean Dice and HD95 per region over cases (undefined HD95 left out)."""
+    summary = {}
+    for region in ("TC", "WT", "ET"):
+        summary[f"dice_{region}"] = float(np.mean([c.dice[region] for c in cases]))
+        distances = [c.hd95[region] for c in cases if c.hd95[region] is not None]
+        summary[f"hd95_{region}"] = float(np.mean(distances)) if distances else float("nan")
+    summary["dice_mean"] = float(np.mean([summary[f"dice_{r}"] for r in ("TC", "WT", "ET")]))
+    return summary
+
+
+def locate_job_folder(script_folder: Path) -> Path:
+    """Finds the folder the job shipped its files to (the client app's custom folder).
+
+    That is the script's own folder when NVFlare runs the job's copy of the script; when it
+    runs the script in-process, the custom folder is on ``sys.path``.
+
+    Raises:
+        FileNotFoundError: If no candidate holds the job manifest.
+    """
+    for folder in (script_folder, *(Path(p) for p in sys.path if p)):
+        if (folder / JOB_MANIFEST_FILE).is_file():
+            return folder
+    raise FileNotFoundError(
+        f"{JOB_MANIFEST_FILE} not found beside {script_folder} or on sys.path: "
+        "was this job built with jobs.segmentation.segmentation_recipe?"
+    )
+
+
+def run(script_folder: Path) -> None:
+    """Serves the job's tasks until it ends.
+
+    Args:
+        script_folder: Folder of the client script (see :func:`locate_job_folder`).
+    """
+    job_folder = locate_job_folder(script_folder)
+    flare.init()
+    site = flare.get_site_name()
+    manifest = json.loads((job_folder / JOB_MANIFEST_FILE).read_text())
+    config = load_config(job_folder / RUN_CONFIG_FILE)
+    harmonization = None
+    if manifest.get("harmonization_hash"):
+        artifact = read_harmonization_artifact(
+            job_folder / ARTIFACT_FILE, expected_hash=manifest["harmonization_hash"]
+        )
+        harmonization = artifact_transform(artifact)
+    dataset = site_dataset(site)
+    engine = SegmentationEngine(config, dataset, harmonization)
+    metrics_path = Path(os.getcwd()) / METRICS_FILE.format(site=site)
+    record = _SiteRecord(metrics_path, site, engine, dataset, manifest)
+
+    while flare.is_running():
+        task = flare.receive()
+        if task is None:
+            break
+        engine.load_weights({k: np.asarray(v) for k, v in task.params.items()})
+        if flare.is_train():
+            cases = engine.validate()
+            trained = engine.train(config.training.local_steps)
+            metrics = summarize(cases)
+            record.round(task.current_round, metrics, cases, trained)
+            # Full weights here; the job's DIFF transfer type makes NVFlare send only the
+            # difference to the global model it delivered.
+            flare.send(
+                FLModel(
+                    params=_tensors(engine.weights()),
+                    params_type=ParamsType.FULL,
+                    metrics=metrics,
+                    meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: trained.steps},
+                )
+            )
+        elif flare.is_evaluate():
+            cases = engine.validate()
+            metrics = summarize(cases)
+            record.final(metrics, cases)
+            flare.send(FLModel(metrics=metrics))
+        elif flare.is_submit_model():
+            flare.send(FLModel(params=_tensors(engine.weights())))
+
+
+def _tensors(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The job exchanges PyTorch tensors (NVFlare's PyTorch exchange format)."""
+    return {key: torch.from_numpy(value) for key, value in weights.items()}
+
+
+class _SiteRecord:
+    """The site's own metrics file: rounds, final evaluation, data and device summary."""
+
+    def __init__(self, path: Path, site: str, engine: SegmentationEngine, dataset: Path, manifest):
+        qc_path = dataset / "qc.json"
+        counts = json.loads(qc_path.read_text())["counts"] if qc_path.is_file() else {}
+        self.path = path
+        self.document = {
+            "site": site,
+            "device": str(engine.device),
+            "data": {
+                "training_cases": len(engine.train_files),
+                "validation_cases": len(engine.validation_files),
+                "qc_counts": counts,
+            },
+            "harmonization_hash": manifest.get("harmonization_hash"),
+            "rounds": [],
+            "final": None,
+        }
+
+    def round(self, number, metrics, cases, trained) -> None:
+        self.document["rounds"].append(
+            {
+                "round": number,
+                "metrics": metrics,
+                "cases": [asdict(c) for c in cases],
+                "train_loss": trained.mean_loss,
+                "train_steps": trained.steps,
+                "train_seconds": trained.seconds,
+            }
+        )
+        self._write()
+
+    def final(self, metrics, cases) -> None:
+        self.document["final"] = {"metrics": metrics, "cases": [asdict(c) for c in cases]}
+        self._write()
+
+    def _write(self) -> None:
+        temporary = self.path.with_name(f".tmp-{self.path.name}")
+        temporary.write_text(json.dumps(self.document, indent=2, allow_nan=True) + "\n")
+        os.replace(temporary, self.path)

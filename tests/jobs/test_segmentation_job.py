@@ -1,0 +1,84 @@
+"""The federated segmentation job, end to end in NVFlare's simulator (real processes)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedseg.config import load_config
+from jobs.runner import export_job
+
+FEDSEG = str(Path(sys.executable).with_name("fedseg"))
+
+
+@pytest.fixture(scope="module")
+def job_run(datasets, tmp_path_factory):
+    """synth -> ingest (fixtures) -> federated harmonization fit -> 2 FedAvg rounds, 3 sites."""
+    workdir = tmp_path_factory.mktemp("job")
+    sites = [str(datasets[name]) for name in ("site-1", "site-2", "site-3")]
+    config = workdir / "run.yaml"
+    tiny = load_config("tiny").to_dict()
+    tiny["harmonization"]["min_images"] = 2
+    config.write_text(json.dumps(tiny))  # JSON is YAML
+    result = subprocess.run(
+        [FEDSEG, "job", "run", "--config", str(config), *[a for s in sites for a in ("--site", s)],
+         "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    return workdir, result
+
+
+def test_every_site_reports_finite_metrics_for_every_round(job_run):
+    workdir, result = job_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = sorted((workdir / "report").glob("site-*.json"))
+    assert [p.stem for p in reports] == ["site-1", "site-2", "site-3"]
+    for path in reports:
+        report = json.loads(path.read_text())
+        assert [r["round"] for r in report["rounds"]] == [0, 1]
+        for entry in report["rounds"]:
+            assert all(math.isfinite(v) for k, v in entry["metrics"].items() if "dice" in k)
+            assert entry["train_steps"] == 8 and math.isfinite(entry["train_loss"])
+        assert report["device"] == "cpu"
+        assert report["data"]["validation_cases"] >= 1
+
+
+def test_the_job_used_the_federated_harmonization_artifact(job_run):
+    workdir, _ = job_run
+    artifact = json.loads((workdir / "harmonization.json").read_text())
+    assert artifact["n_sites"] == 3
+    for path in (workdir / "report").glob("site-*.json"):
+        assert json.loads(path.read_text())["harmonization_hash"] == artifact["hash"]
+    assert list((workdir / "simulation").rglob("FL_global_model.pt")), "global model persisted"
+
+
+def test_a_site_refuses_an_altered_artifact(datasets, tmp_path, job_run):
+    workdir, _ = job_run
+    altered = json.loads((workdir / "harmonization.json").read_text())
+    altered["standard_scale"][4] += 1.0
+    (tmp_path / "altered.json").write_text(json.dumps(altered))
+    result = subprocess.run(
+        [FEDSEG, "job", "run", "--config", "tiny", "--site", str(datasets["site-1"]),
+         "--site", str(datasets["site-2"]), "--workdir", str(tmp_path / "w"),
+         "--harmonization", str(tmp_path / "altered.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "it was altered" in result.stderr
+    assert not (tmp_path / "w" / "simulation").exists(), "refused before any training"
+
+
+def test_exported_job_folder(tmp_path, job_run):
+    workdir, _ = job_run
+    folder = export_job(load_config("tiny"), tmp_path / "export", workdir / "harmonization.json")
+    jobs = [p.parent for p in folder.rglob("meta.json")]
+    assert len(jobs) == 1
+    job = jobs[0]
+    meta = json.loads((job / "meta.json").read_text())
+    assert meta["min_clients"] == 2
+    server = json.loads(next(job.rglob("config_fed_server.json")).read_text())
+    assert "models.networks.SmallUNet" in json.dumps(server)
+    shipped = {p.name for p in job.rglob("fedseg_*")}
+    assert {"fedseg_run.yaml", "fedseg_harmonization.json", "fedseg_job.json"} <= shipped
