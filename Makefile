@@ -9,13 +9,18 @@ INSTALLED := $(VENV)/.installed
 # can pull a multi-GB CUDA build. On a GPU host, install the CUDA build of it beforehand.
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean chromium
 
 demo: $(INSTALLED)
 	$(BIN)/fedseg demo --workdir demo_workdir
 
-test: lint
+test: lint chromium
 	$(BIN)/python -m pytest
+
+# The report tests render pages in headless Chromium (Debian's package; installing needs root).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| (echo "make test needs Debian's chromium: apt-get install chromium" >&2; exit 1)
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -386,7 +386,7 @@ def run_job_command(args: argparse.Namespace) -> int:
             f"{metrics['hd95_WT']:.1f}",
         )
     console.print(table)
-    console.print(f"Site metrics are in {report}")
+    console.print(f"Reports: {report / 'federation.html'} and one page per site in {report}")
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from nvflare.recipe import SimEnv
 
+from app_server.report import write_reports
 from app_site.harmonization import dataset_modality
 from app_site.site_config import site_environment_variable
 from app_site.training_task import METRICS_FILE
@@ -89,7 +90,8 @@ def run_job(
             configuration asks for harmonization and none is given.
 
     Returns:
-        The ``report`` folder, holding ``<site>.json`` per site.
+        The ``report`` folder: ``<site>.json`` + ``.html`` per site, ``federation.json`` +
+        ``federation.html``.
 
     Raises:
         ValueError: If fewer datasets than ``training.min_sites`` are given.
@@ -120,6 +122,7 @@ def run_job(
             raise RuntimeError(f"{name} reported no metrics; see the logs under {result}")
         document = json.loads(found[0].read_text())
         (report / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
+    write_reports(report)
     return report
 
 

@@ -44,6 +44,11 @@ def test_every_site_reports_finite_metrics_for_every_round(job_run):
             assert entry["train_steps"] == 8 and math.isfinite(entry["train_loss"])
         assert report["device"] == "cpu"
         assert report["data"]["validation_cases"] >= 1
+        page = (workdir / "report" / f"{path.stem}.html").read_text()
+        assert f"{report['summary']['metrics']['dice_WT']:.3f}" in page
+    federation = json.loads((workdir / "report" / "federation.json").read_text())
+    assert federation["sites"] == ["site-1", "site-2", "site-3"]
+    assert (workdir / "report" / "federation.html").is_file()
 
 
 def test_the_job_used_the_federated_harmonization_artifact(job_run):

@@ -1,0 +1,267 @@
+"""Readable reports from the sites' metrics: one page per site and one for the federation.
+
+Input: the per-site metrics documents the sites record (rounds, per-case Dice and HD95,
+training loss, data and device summary, harmonization hash). Output: ``<site>.json`` +
+``<site>.html`` and ``federation.json`` + ``federation.html``. Metrics only: no image, no
+patient identifier (case ids are the hashes ``fedseg ingest`` made). Plots are inline SVG, so
+a page is one self-contained file.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+REGIONS = ("TC", "WT", "ET")
+REGION_NAMES = {"TC": "tumour core", "WT": "whole tumour", "ET": "enhancing tumour"}
+COLOURS = {"TC": "#c0392b", "WT": "#2471a3", "ET": "#b7950b"}
+
+
+def bootstrap_interval(
+    values: Sequence[float], level: float = 0.95, samples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of a mean.
+
+    Args:
+        values: Per-case values.
+        level: Confidence level.
+        samples: Bootstrap resamples.
+        seed: Random seed (reports are reproducible).
+
+    Returns:
+        ``(low, high)``; both the single value for one case, NaN for none.
+    """
+    data = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if data.size == 0:
+        return (math.nan, math.nan)
+    if data.size == 1:
+        return (float(data[0]), float(data[0]))
+    rng = np.random.default_rng(seed)
+    means = rng.choice(data, size=(samples, data.size), replace=True).mean(axis=1)
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return (float(low), float(high))
+
+
+def site_summary(document: dict) -> dict:
+    """Adds the report's summary to a site's metrics document (last round, with intervals)."""
+    last = document["rounds"][-1] if document["rounds"] else None
+    summary = {"rounds": len(document["rounds"])}
+    if last is not None:
+        cases = last["cases"]
+        summary["last_round"] = last["round"]
+        summary["metrics"] = last["metrics"]
+        summary["intervals"] = {
+            f"dice_{r}": bootstrap_interval([c["dice"][r] for c in cases]) for r in REGIONS
+        }
+    return {**document, "summary": summary}
+
+
+def federation_summary(sites: dict[str, dict]) -> dict:
+    """All sites side by side: last-round metrics and the per-round curves."""
+    return {
+        "sites": sorted(sites),
+        "last_round": {name: doc["summary"].get("metrics") for name, doc in sorted(sites.items())},
+        "curves": {
+            name: [
+                {"round": r["round"], **{f"dice_{g}": r["metrics"][f"dice_{g}"] for g in REGIONS}}
+                for r in doc["rounds"]
+            ]
+            for name, doc in sorted(sites.items())
+        },
+        "devices": {name: doc["device"] for name, doc in sorted(sites.items())},
+        "harmonization_hashes": sorted(
+            {doc.get("harmonization_hash") or "none" for doc in sites.values()}
+        ),
+    }
+
+
+def write_reports(report_dir: Path) -> list[Path]:
+    """Writes the HTML pages and the federation files next to the sites' JSON documents.
+
+    Args:
+        report_dir: Folder holding ``site-*.json`` (rewritten with their summary).
+
+    Returns:
+        The files written.
+
+    Raises:
+        FileNotFoundError: If the folder holds no site document.
+    """
+    report_dir = Path(report_dir)
+    paths = sorted(p for p in report_dir.glob("*.json") if p.stem != "federation")
+    if not paths:
+        raise FileNotFoundError(f"{report_dir}: no site metrics to report")
+    sites = {}
+    written = []
+    for path in paths:
+        document = site_summary(json.loads(path.read_text()))
+        sites[document["site"]] = document
+        path.write_text(json.dumps(document, indent=2) + "\n")
+        page = report_dir / f"{document['site']}.html"
+        page.write_text(render_site(document))
+        written += [path, page]
+    federation = federation_summary(sites)
+    (report_dir / "federation.json").write_text(json.dumps(federation, indent=2) + "\n")
+    (report_dir / "federation.html").write_text(render_federation(federation))
+    return [*written, report_dir / "federation.json", report_dir / "federation.html"]
+
+
+def render_site(document: dict) -> str:
+    """The site's page: curves, last-round table with intervals, cases, data, setup."""
+    summary = document["summary"]
+    rounds = document["rounds"]
+    curves = {r: [(e["round"], e["metrics"][f"dice_{r}"]) for e in rounds] for r in REGIONS}
+    rows = ""
+    if "metrics" in summary:
+        for region in REGIONS:
+            low, high = summary["intervals"][f"dice_{region}"]
+            hd95 = summary["metrics"][f"hd95_{region}"]
+            rows += (
+                f"<tr><td>{REGION_NAMES[region]} ({region})</td>"
+                f"<td class=num>{summary['metrics'][f'dice_{region}']:.3f}</td>"
+                f"<td class=num>{_number(low)} to {_number(high)}</td>"
+                f"<td class=num>{_number(hd95, 1)}</td></tr>"
+            )
+    case_rows = ""
+    for case in rounds[-1]["cases"] if rounds else []:
+        cells = "".join(f"<td class=num>{case['dice'][r]:.3f}</td>" for r in REGIONS)
+        cells += "".join(f"<td class=num>{_number(case['hd95'][r], 1)}</td>" for r in REGIONS)
+        case_rows += f"<tr><td>{html.escape(case['case_id'])}</td>{cells}</tr>"
+    training_rows = "".join(
+        f"<tr><td>{e['round']}</td><td class=num>{e['train_steps']}</td>"
+        f"<td class=num>{e['train_loss']:.4f}</td>"
+        f"<td class=num>{e['train_seconds']:.1f}</td></tr>"
+        for e in rounds
+    )
+    data = document["data"]
+    qc = data.get("qc_counts", {})
+    body = f"""
+<h1>Site report: {html.escape(document["site"])}</h1>
+<p>Validation of the global model on this site's own validation split, every round.
+Device: <b>{html.escape(document["device"])}</b>. Harmonization artifact:
+<b>{html.escape((document.get("harmonization_hash") or "none")[:12])}</b>.</p>
+<h2>Dice per round</h2>
+{line_chart(curves, "Dice", (0.0, 1.0))}
+<h2>Last round ({summary.get("last_round", "-")})</h2>
+<table><tr><th>region</th><th>Dice</th><th>95% CI (bootstrap over cases)</th>
+<th>HD95 (mm)</th></tr>{rows}</table>
+<h2>Cases (last round)</h2>
+<table><tr><th>case</th>{"".join(f"<th>Dice {r}</th>" for r in REGIONS)}
+{"".join(f"<th>HD95 {r}</th>" for r in REGIONS)}</tr>{case_rows}</table>
+<h2>Data</h2>
+<table><tr><th>training cases</th><td class=num>{data["training_cases"]}</td></tr>
+<tr><th>validation cases</th><td class=num>{data["validation_cases"]}</td></tr>
+<tr><th>series accepted / rejected / skipped at ingestion</th>
+<td class=num>{qc.get("accepted", "-")} / {qc.get("rejected", "-")} / {qc.get("skipped", "-")}</td>
+</tr></table>
+<h2>Training</h2>
+<table><tr><th>round</th><th>steps</th><th>loss</th><th>seconds</th></tr>
+{training_rows}</table>"""
+    return _page(f"fedseg report: {document['site']}", body)
+
+
+def render_federation(federation: dict) -> str:
+    """The federation's page: every site side by side, and the Dice curves of each site."""
+    rows = ""
+    for site, metrics in federation["last_round"].items():
+        cells = "".join(
+            f"<td class=num>{_number((metrics or {}).get(f'dice_{r}'))}</td>" for r in REGIONS
+        )
+        rows += (
+            f"<tr><td>{html.escape(site)}</td>{cells}"
+            f"<td>{html.escape(federation['devices'][site])}</td></tr>"
+        )
+    charts = "".join(
+        f"<h3>{html.escape(site)}</h3>"
+        + line_chart(
+            {r: [(e["round"], e[f"dice_{r}"]) for e in curve] for r in REGIONS}, "Dice", (0, 1)
+        )
+        for site, curve in federation["curves"].items()
+    )
+    body = f"""
+<h1>Federation report</h1>
+<p>{len(federation["sites"])} sites. Each site validated the global model on its own data;
+only these metrics left the sites.</p>
+<h2>Last round, all sites</h2>
+<table><tr><th>site</th>{"".join(f"<th>Dice {r}</th>" for r in REGIONS)}<th>device</th></tr>
+{rows}</table>
+<h2>Dice per round</h2>{charts}"""
+    return _page("fedseg federation report", body)
+
+
+def line_chart(
+    series: dict[str, list[tuple[float, float]]],
+    label: str,
+    value_range: tuple[float, float],
+    width: int = 480,
+    height: int = 220,
+) -> str:
+    """An inline SVG line chart of one or more series of (x, y) points, with a legend."""
+    margin = 40
+    xs = [x for points in series.values() for x, _ in points] or [0]
+    x_low, x_high = min(xs), max(max(xs), min(xs) + 1)
+    y_low, y_high = value_range
+
+    def position(x: float, y: float) -> tuple[float, float]:
+        px = margin + (x - x_low) / (x_high - x_low) * (width - 2 * margin)
+        clipped = min(max(y, y_low), y_high) if math.isfinite(y) else y_low
+        py = height - margin - (clipped - y_low) / (y_high - y_low) * (height - 2 * margin)
+        return px, py
+
+    parts = [
+        f'<svg class=chart width="{width}" height="{height}" role="img" '
+        f'aria-label="{html.escape(label)} per round">',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
+        f'<line x1="{margin}" y1="{height - margin}" x2="{width - margin}" '
+        f'y2="{height - margin}" stroke="#555"/>',
+        f'<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{height - margin}" stroke="#555"/>',
+        f'<text x="{margin - 6}" y="{margin + 4}" text-anchor="end">{y_high:g}</text>',
+        f'<text x="{margin - 6}" y="{height - margin}" text-anchor="end">{y_low:g}</text>',
+        f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle">round</text>',
+    ]
+    for x in sorted(set(xs)):
+        px, _ = position(x, y_low)
+        parts.append(
+            f'<text x="{px:.1f}" y="{height - margin + 14}" text-anchor="middle">{x:g}</text>'
+        )
+    for index, (name, points) in enumerate(series.items()):
+        colour = COLOURS.get(name, "#333")
+        coordinates = " ".join("{:.1f},{:.1f}".format(*position(x, y)) for x, y in points)
+        parts.append(
+            f'<polyline points="{coordinates}" fill="none" stroke="{colour}" stroke-width="2"/>'
+        )
+        for x, y in points:
+            px, py = position(x, y)
+            parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="{colour}"/>')
+        parts.append(
+            f'<text x="{width - margin + 4}" y="{margin + 14 * index}" fill="{colour}">'
+            f"{html.escape(name)}</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; max-width: 60em; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+svg.chart text {{ font-size: 12px; }}
+</style></head><body>{body}
+</body></html>
+"""

@@ -1,0 +1,74 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from app_server.report import bootstrap_interval, write_reports
+
+
+def site_document(site: str, dice: float) -> dict:
+    cases = [
+        {
+            "case_id": f"case-{i:012x}",
+            "dice": {"TC": dice - 0.1 * i, "WT": dice, "ET": dice / 2},
+            "hd95": {"TC": 4.0 + i, "WT": 3.0, "ET": None},
+        }
+        for i in range(3)
+    ]
+    rounds = [
+        {
+            "round": r,
+            "metrics": {
+                **{f"dice_{g}": float(np.mean([c["dice"][g] for c in cases])) * (r + 1) / 2
+                   for g in ("TC", "WT", "ET")},
+                "hd95_TC": 5.0, "hd95_WT": 3.0, "hd95_ET": float("nan"), "dice_mean": 0.5,
+            },
+            "cases": cases,
+            "train_loss": 1.0 - 0.1 * r,
+            "train_steps": 8,
+            "train_seconds": 1.5,
+        }
+        for r in range(2)
+    ]  # fmt: skip
+    return {
+        "site": site,
+        "device": "cpu",
+        "data": {"training_cases": 4, "validation_cases": 3, "qc_counts": {"accepted": 7}},
+        "harmonization_hash": "ab" * 32,
+        "rounds": rounds,
+        "final": None,
+    }
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    values = [0.6, 0.7, 0.8, 0.75, 0.65]
+    low, high = bootstrap_interval(values)
+    assert low < np.mean(values) < high and 0.6 <= low and high <= 0.8
+    assert bootstrap_interval([0.5]) == (0.5, 0.5)
+    assert all(math.isnan(v) for v in bootstrap_interval([None]))
+
+
+def test_reports_hold_the_numbers_and_nothing_else(tmp_path):
+    for site, dice in (("site-1", 0.8), ("site-2", 0.6)):
+        (tmp_path / f"{site}.json").write_text(json.dumps(site_document(site, dice)))
+    written = write_reports(tmp_path)
+    assert {p.name for p in written} == {
+        "site-1.json", "site-1.html", "site-2.json", "site-2.html",
+        "federation.json", "federation.html",
+    }  # fmt: skip
+    page = (tmp_path / "site-1.html").read_text()
+    summary = json.loads((tmp_path / "site-1.json").read_text())["summary"]
+    assert f"{summary['metrics']['dice_WT']:.3f}" in page
+    low, high = summary["intervals"]["dice_TC"]
+    assert f"{low:.3f} to {high:.3f}" in page
+    assert "<svg" in page and "case-000000000002" in page and "n/a" in page  # ET HD95 undefined
+    federation = json.loads((tmp_path / "federation.json").read_text())
+    assert federation["sites"] == ["site-1", "site-2"]
+    assert federation["last_round"]["site-2"]["dice_WT"] == pytest.approx(0.6)
+    assert "site-2" in (tmp_path / "federation.html").read_text()
+
+
+def test_empty_report_folder_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no site metrics"):
+        write_reports(tmp_path)
