@@ -81,11 +81,12 @@ def federation_summary(sites: dict[str, dict]) -> dict:
     }
 
 
-def write_reports(report_dir: Path) -> list[Path]:
+def write_reports(report_dir: Path, cross_site: dict | None = None) -> list[Path]:
     """Writes the HTML pages and the federation files next to the sites' JSON documents.
 
     Args:
         report_dir: Folder holding ``site-*.json`` (rewritten with their summary).
+        cross_site: Cross-site evaluation matrix (validating site -> model owner -> metrics).
 
     Returns:
         The files written.
@@ -107,6 +108,7 @@ def write_reports(report_dir: Path) -> list[Path]:
         page.write_text(render_site(document))
         written += [path, page]
     federation = federation_summary(sites)
+    federation["cross_site"] = cross_site or {}
     (report_dir / "federation.json").write_text(json.dumps(federation, indent=2) + "\n")
     (report_dir / "federation.html").write_text(render_federation(federation))
     return [*written, report_dir / "federation.json", report_dir / "federation.html"]
@@ -191,8 +193,27 @@ only these metrics left the sites.</p>
 <h2>Last round, all sites</h2>
 <table><tr><th>site</th>{"".join(f"<th>Dice {r}</th>" for r in REGIONS)}<th>device</th></tr>
 {rows}</table>
+{_cross_site_table(federation["cross_site"])}
 <h2>Dice per round</h2>{charts}"""
     return _page("fedseg federation report", body)
+
+
+def _cross_site_table(matrix: dict) -> str:
+    """Mean Dice of each model (columns) on each site's data (rows)."""
+    if not matrix:
+        return ""
+    owners = sorted({owner for row in matrix.values() for owner in row})
+    header = "".join(f"<th>{html.escape(o)} model</th>" for o in owners)
+    rows = ""
+    for site, row in sorted(matrix.items()):
+        cells = "".join(
+            f"<td class=num>{_number((row.get(o) or {}).get('dice_mean'))}</td>" for o in owners
+        )
+        rows += f"<tr><td>{html.escape(site)} data</td>{cells}</tr>"
+    return (
+        "<h2>Cross-site evaluation (mean Dice of the final models)</h2>"
+        f"<table><tr><th></th>{header}</tr>{rows}</table>"
+    )
 
 
 def line_chart(

@@ -88,6 +88,9 @@ def run(script_folder: Path) -> None:
         task = flare.receive()
         if task is None:
             break
+        if flare.is_submit_model():  # carries no weights: send this site's local model
+            flare.send(FLModel(params=_tensors(engine.weights())))
+            continue
         engine.load_weights({k: np.asarray(v) for k, v in task.params.items()})
         if flare.is_train():
             cases = engine.validate()
@@ -107,10 +110,8 @@ def run(script_folder: Path) -> None:
         elif flare.is_evaluate():
             cases = engine.validate()
             metrics = summarize(cases)
-            record.final(metrics, cases)
+            record.evaluation(metrics, cases)
             flare.send(FLModel(metrics=metrics))
-        elif flare.is_submit_model():
-            flare.send(FLModel(params=_tensors(engine.weights())))
 
 
 def _tensors(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -135,7 +136,7 @@ class _SiteRecord:
             },
             "harmonization_hash": manifest.get("harmonization_hash"),
             "rounds": [],
-            "final": None,
+            "evaluations": [],
         }
 
     def round(self, number, metrics, cases, trained) -> None:
@@ -151,8 +152,11 @@ class _SiteRecord:
         )
         self._write()
 
-    def final(self, metrics, cases) -> None:
-        self.document["final"] = {"metrics": metrics, "cases": [asdict(c) for c in cases]}
+    def evaluation(self, metrics, cases) -> None:
+        # Which model was evaluated is known to the server (its cross-site matrix), not here.
+        self.document["evaluations"].append(
+            {"metrics": metrics, "cases": [asdict(c) for c in cases]}
+        )
         self._write()
 
     def _write(self) -> None:

@@ -114,6 +114,7 @@ def run_job(
     with site_environment(datasets) as names:
         run = recipe.execute(SimEnv(num_clients=len(datasets), workspace_root=str(simulation)))
         result = Path(run.get_result())
+    cross_site = read_cross_site_results(result, names)
     report = workdir / "report"
     report.mkdir(exist_ok=True)
     for name in names:
@@ -122,8 +123,28 @@ def run_job(
             raise RuntimeError(f"{name} reported no metrics; see the logs under {result}")
         document = json.loads(found[0].read_text())
         (report / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
-    write_reports(report)
+    write_reports(report, cross_site)
     return report
+
+
+def read_cross_site_results(result: Path, sites: Sequence[str]) -> dict:
+    """The cross-site evaluation matrix (validating site -> model owner -> metrics).
+
+    Raises:
+        RuntimeError: If it is missing, or a site validated nothing: a job whose evaluation
+            results are empty fails, whatever status NVFlare reported.
+    """
+    found = sorted(Path(result).rglob("cross_val_results.json"))
+    if not found:
+        raise RuntimeError(f"{result}: no cross-site evaluation results; see the server log")
+    matrix = json.loads(found[0].read_text())
+    empty = [site for site in sites if not matrix.get(site)]
+    if empty:
+        raise RuntimeError(
+            f"cross-site evaluation returned no results for {', '.join(empty)} "
+            f"({found[0]}); see those sites' logs"
+        )
+    return matrix
 
 
 def export_job(config: RunConfig, output: Path, harmonization_artifact: Path | None = None) -> Path:

@@ -10,6 +10,7 @@ import yaml
 from nvflare.apis.job_def import ALL_SITES
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.client.config import TransferType
+from nvflare.recipe.utils import add_cross_site_evaluation
 
 from app_site.training_task import ARTIFACT_FILE, JOB_MANIFEST_FILE, RUN_CONFIG_FILE
 from fedseg.config import RunConfig
@@ -70,4 +71,6 @@ def segmentation_recipe(
     (staging / JOB_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     for path in sorted(staging.iterdir()):
         recipe._job.add_file_to(str(path), ALL_SITES)  # Recipe keeps its FedJob private
+    # Every site validates the final global model and the other sites' local models.
+    add_cross_site_evaluation(recipe)
     return recipe

@@ -51,6 +51,18 @@ def test_every_site_reports_finite_metrics_for_every_round(job_run):
     assert (workdir / "report" / "federation.html").is_file()
 
 
+def test_cross_site_evaluation_covers_every_model_on_every_site(job_run):
+    workdir, _ = job_run
+    matrix = json.loads((workdir / "report" / "federation.json").read_text())["cross_site"]
+    assert sorted(matrix) == ["site-1", "site-2", "site-3"]
+    for row in matrix.values():
+        assert {"SRV_FL_global_model.pt", "site-1", "site-2", "site-3"} <= set(row)
+        assert all(0.0 <= metrics["dice_mean"] <= 1.0 for metrics in row.values())
+    for path in (workdir / "report").glob("site-*.json"):
+        assert len(json.loads(path.read_text())["evaluations"]) == len(matrix["site-1"])
+    assert "Cross-site evaluation" in (workdir / "report" / "federation.html").read_text()
+
+
 def test_the_job_used_the_federated_harmonization_artifact(job_run):
     workdir, _ = job_run
     artifact = json.loads((workdir / "harmonization.json").read_text())
@@ -87,3 +99,18 @@ def test_exported_job_folder(tmp_path, job_run):
     assert "models.networks.SmallUNet" in json.dumps(server)
     shipped = {p.name for p in job.rglob("fedseg_*")}
     assert {"fedseg_run.yaml", "fedseg_harmonization.json", "fedseg_job.json"} <= shipped
+
+
+def test_empty_cross_site_results_fail_loudly(tmp_path):
+    from jobs.runner import read_cross_site_results
+
+    with pytest.raises(RuntimeError, match="no cross-site evaluation results"):
+        read_cross_site_results(tmp_path, ["site-1"])
+    folder = tmp_path / "server" / "cross_site_val"
+    folder.mkdir(parents=True)
+    (folder / "cross_val_results.json").write_text("{}")  # what NVFlare writes when CSE fails
+    with pytest.raises(RuntimeError, match="no results for site-1, site-2"):
+        read_cross_site_results(tmp_path, ["site-1", "site-2"])
+    (folder / "cross_val_results.json").write_text(json.dumps({"site-1": {"site-1": {}}}))
+    with pytest.raises(RuntimeError, match="no results for site-2"):
+        read_cross_site_results(tmp_path, ["site-1", "site-2"])
