@@ -138,7 +138,7 @@ def read_cross_site_results(result: Path, sites: Sequence[str]) -> dict:
     if not found:
         raise RuntimeError(f"{result}: no cross-site evaluation results; see the server log")
     matrix = json.loads(found[0].read_text())
-    empty = [site for site in sites if not matrix.get(site)]
+    empty = [site for site in sites if not any((matrix.get(site) or {}).values())]
     if empty:
         raise RuntimeError(
             f"cross-site evaluation returned no results for {', '.join(empty)} "

@@ -112,5 +112,5 @@ def test_empty_cross_site_results_fail_loudly(tmp_path):
     with pytest.raises(RuntimeError, match="no results for site-1, site-2"):
         read_cross_site_results(tmp_path, ["site-1", "site-2"])
     (folder / "cross_val_results.json").write_text(json.dumps({"site-1": {"site-1": {}}}))
-    with pytest.raises(RuntimeError, match="no results for site-2"):
+    with pytest.raises(RuntimeError, match="no results for site-1, site-2"):
         read_cross_site_results(tmp_path, ["site-1", "site-2"])
