@@ -133,21 +133,8 @@ class SegmentationEngine:
         self.validation_files = load_decathlon_datalist(datalist, data_list_key="validation")
         if not self.train_files:
             raise ValueError(f"{datalist}: no labelled training case")
-        data = config.data
-        self.train_data = CacheDataset(
-            self.train_files,
-            build_transforms(config, harmonization, train=True),
-            cache_rate=data.cache_rate,
-            num_workers=data.num_workers or None,
-            progress=False,
-        )
-        self.validation_data = CacheDataset(
-            self.validation_files,
-            build_transforms(config, harmonization, train=False),
-            cache_rate=data.cache_rate,
-            num_workers=data.num_workers or None,
-            progress=False,
-        )
+        self.train_data = self._cached(self.train_files, harmonization, train=True)
+        self.validation_data = self._cached(self.validation_files, harmonization, train=False)
         self.model = build_network(config.model.name, **config.model.args).to(self.device)
         self.loss = DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
         training = config.training
@@ -166,6 +153,16 @@ class SegmentationEngine:
         self.amp = training.amp and self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else None
         self._batches = self._endless_batches()
+
+    def _cached(self, files: list[dict], harmonization, train: bool) -> CacheDataset:
+        """Caches the deterministic part of the pipeline (up to the first random transform)."""
+        return CacheDataset(
+            files,
+            build_transforms(self.config, harmonization, train=train),
+            cache_rate=self.config.data.cache_rate,
+            num_workers=self.config.data.num_workers or None,
+            progress=False,
+        )
 
     def weights(self) -> dict[str, np.ndarray]:
         """A copy of the network's parameters and buffers as numpy arrays.

@@ -271,14 +271,7 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 def ingest_with_progress(options: IngestOptions) -> IngestReport:
     """Runs :func:`app_site.ingest.pipeline.ingest` behind a progress bar."""
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    with _progress() as progress:
         tasks: dict[str, int] = {}
 
         def advance(stage: str, done: int, total: int) -> None:
@@ -434,14 +427,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def synthesize_with_progress(config: SynthConfig, workers: int) -> list[SiteSummary]:
     """Runs :func:`synthesize_hospitals` behind a progress bar."""
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    with _progress() as progress:
         task = progress.add_task("synthesizing cases", total=None)
 
         def advance(_: CaseSummary) -> None:
@@ -487,6 +473,18 @@ def site_table(sites: Sequence[SiteSummary]) -> Table:
             f"{white_matter:.4g}",
         )
     return table
+
+
+def _progress() -> Progress:
+    """A progress bar that disappears when done (and prints nothing in a CI log)."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def _add_workers_argument(parser: argparse.ArgumentParser) -> None:
