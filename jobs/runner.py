@@ -66,7 +66,11 @@ def fit_harmonization(config: RunConfig, datasets: Sequence[Path], workdir: Path
     recipe = HarmonizationRecipe(fit, modalities.pop(), min_sites=len(datasets), timeout=600)
     with site_environment(datasets):
         run = recipe.execute(
-            SimEnv(num_clients=len(datasets), workspace_root=str(workdir / "simulation"))
+            SimEnv(
+                num_clients=len(datasets),
+                workspace_root=str(workdir / "simulation"),
+                log_config="WARNING",
+            )
         )
         result = run.get_result()
     target = workdir / "harmonization.json"
@@ -112,7 +116,9 @@ def run_job(
     recipe = segmentation_recipe(config, harmonization_artifact, sites=len(datasets))
     simulation = workdir / "simulation"
     with site_environment(datasets) as names:
-        run = recipe.execute(SimEnv(num_clients=len(datasets), workspace_root=str(simulation)))
+        run = recipe.execute(
+            SimEnv(num_clients=len(datasets), workspace_root=str(simulation), log_config="WARNING")
+        )
         result = Path(run.get_result())
     cross_site = read_cross_site_results(result, names)
     report = workdir / "report"

@@ -39,3 +39,6 @@ def test_demo_runs_end_to_end(tmp_path):
     for site, cases in (("site-1", 5), ("site-2", 4), ("site-3", 3)):
         datalist = json.loads((tmp_path / "datasets" / site / "datalist.json").read_text())
         assert len(datalist["training"]) + len(datalist["validation"]) == cases
+    federation = json.loads((tmp_path / "job" / "report" / "federation.json").read_text())
+    assert federation["sites"] == ["site-1", "site-2", "site-3"]
+    assert "federation.html" in result.stdout
