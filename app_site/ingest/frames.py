@@ -174,7 +174,7 @@ def read_dicom_file(path: Path) -> DicomFile:
     try:
         raw_pixels = _raw_pixels(dataset, data, stream.tell())
         frames = tuple(_frames(path, dataset, digest, raw_pixels))
-    except (AttributeError, IndexError, KeyError, ValueError, TypeError) as error:
+    except Exception as error:  # pydicom raises many types for malformed elements
         raise UnreadableFileError(f"image geometry unreadable: {error}") from error
     return DicomFile(path, sop_class, frames, None)
 

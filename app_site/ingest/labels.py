@@ -79,8 +79,8 @@ def label_from_nifti(path: Path, image: nib.Nifti1Image) -> nib.Nifti1Image:
     try:
         label = canonical(nib.load(path))
         values = np.asanyarray(label.dataobj)
-    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as error:
-        raise LabelError(f"{path.name}: label unreadable ({error})") from error
+    except Exception as error:  # nibabel and zlib raise many types for broken files
+        raise LabelError(f"{path.name}: label unreadable ({type(error).__name__})") from error
     if values.ndim == 4 and values.shape[3] == 1:
         values = values[..., 0]
     if values.shape != image.shape:
@@ -132,7 +132,19 @@ def label_from_segmentation(
     heights = np.array([f.position @ normal for f in decision.frames])
     spacing = float(np.min(np.diff(heights))) if len(heights) > 1 else 1.0
     stacked = np.zeros((first.columns, first.rows, len(decision.frames)), dtype=np.uint8)
-    for number, group in enumerate(dataset.PerFrameFunctionalGroupsSequence):
+    groups = dataset.get("PerFrameFunctionalGroupsSequence") or []
+    if len(groups) != len(masks):
+        raise LabelError(f"{name}: {len(groups)} per-frame groups for {len(masks)} SEG frames")
+    try:
+        _rasterize(groups, masks, heights, normal, spacing, stacked, name)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
+        raise LabelError(f"{name}: malformed DICOM SEG ({type(error).__name__})") from error
+    return nifti_image(regularize(stacked, decision, nearest=True), series_affine_ras(decision))
+
+
+def _rasterize(groups, masks, heights, normal, spacing, stacked, name) -> None:
+    """Places each SEG frame on the series slice at its position."""
+    for number, group in enumerate(groups):
         segment = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         check_label_values(np.array([segment]), f"{name} segment {segment}")
         position = np.asarray(group.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
@@ -143,4 +155,3 @@ def label_from_segmentation(
                 "normal, where the series has no slice"
             )
         stacked[:, :, k][masks[number].T > 0] = segment
-    return nifti_image(regularize(stacked, decision, nearest=True), series_affine_ras(decision))
