@@ -62,6 +62,8 @@ class Frame:
         row_direction: LPS unit vector along a row (first half of ImageOrientationPatient).
         column_direction: LPS unit vector down a column (second half).
         pixel_spacing: (between rows, between columns) in millimetres.
+            Position, directions and spacing are kept as read when they hold NaN or infinity,
+            for :func:`app_site.ingest.series.decide` to reject the series.
         rows: Number of rows.
         columns: Number of columns.
         rescale_slope: RescaleSlope (1 when absent).
@@ -294,24 +296,42 @@ def _geometry(groups: list[Dataset], dataset: Dataset) -> dict:
     orientation = np.asarray(orientation, dtype=np.float64)
     if orientation.shape != (6,):
         raise ValueError("ImageOrientationPatient does not hold 6 values")
-    row_direction, column_direction = orientation[:3], orientation[3:]
-    for vector in (row_direction, column_direction):
-        if abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3:
-            raise ValueError("ImageOrientationPatient holds a vector that is not of unit length")
-    if abs(np.dot(row_direction, column_direction)) > 1e-3:
-        raise ValueError("ImageOrientationPatient row and column directions are not orthogonal")
+    row_direction, column_direction = _unit_directions(orientation)
     position = np.asarray(position, dtype=np.float64)
     spacing = tuple(float(v) for v in spacing)
     if position.shape != (3,) or len(spacing) != 2 or min(spacing) <= 0:
         raise ValueError("ImagePositionPatient or PixelSpacing malformed")
     return {
         "position": position,
-        "row_direction": row_direction / np.linalg.norm(row_direction),
-        "column_direction": column_direction / np.linalg.norm(column_direction),
+        "row_direction": row_direction,
+        "column_direction": column_direction,
         "pixel_spacing": spacing,
         "rescale_slope": slope[0] if slope else 1.0,
         "rescale_intercept": intercept[0] if intercept else 0.0,
     }
+
+
+def _unit_directions(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column unit vectors from ImageOrientationPatient's six values.
+
+    Values holding NaN or infinity are passed on unchanged: the frame keeps its series, and
+    :func:`app_site.ingest.series.decide` rejects that series naming the tag.
+
+    Raises:
+        ValueError: If a finite vector is not of unit length, or the two are not orthogonal.
+    """
+    row_direction, column_direction = orientation[:3], orientation[3:]
+    if not np.all(np.isfinite(orientation)):
+        return row_direction, column_direction
+    for vector in (row_direction, column_direction):
+        if abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3:
+            raise ValueError("ImageOrientationPatient holds a vector that is not of unit length")
+    if abs(np.dot(row_direction, column_direction)) > 1e-3:
+        raise ValueError("ImageOrientationPatient row and column directions are not orthogonal")
+    return (
+        row_direction / np.linalg.norm(row_direction),
+        column_direction / np.linalg.norm(column_direction),
+    )
 
 
 def _lookup(

@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
 
 from app_site.ingest.frames import SEGMENTATION_SOP_CLASS
 from app_site.ingest.series import SeriesDecision
@@ -20,9 +21,18 @@ from app_site.ingest.volume import canonical, nifti_image, regularize, series_af
 #: Label values a tumour label may hold: background, necrotic core, edema, enhancing tumour.
 LABEL_VALUES = frozenset({0, 1, 2, 3})
 
+#: A SEG frame lies in a series slice's plane when its orientation cosines differ by at most
+#: this much, and its position lies at most this many pixels in-plane off the slice's.
+_ORIENTATION_TOLERANCE = 1e-3
+_MAX_OFFSET_PIXELS = 0.25
+
 
 class LabelError(Exception):
     """A label that cannot be used for its image; the message says why."""
+
+
+class SegmentationMismatch(LabelError):
+    """A DICOM SEG drawn on other planes than a series group's: it labels another group."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,8 @@ def label_from_segmentation(
     """Rasterizes a DICOM SEG onto an accepted series' frames, then its regular grid.
 
     Segment number n becomes label value n; each SEG frame is placed on the series frame at
-    the same position.
+    the same position. A SEG drawn on other planes (another orientation, or shifted in-plane)
+    labels another group of frames that shares the series UID, and is not applied here.
 
     Args:
         segmentation: The SEG object.
@@ -112,7 +123,9 @@ def label_from_segmentation(
         :func:`app_site.ingest.volume.load_series` (not yet canonical).
 
     Raises:
-        LabelError: If the SEG does not fit the series or holds unexpected segments.
+        SegmentationMismatch: If the SEG's frames do not lie in the planes of the series' slices.
+        LabelError: If the SEG is unreadable, does not fit the series or holds unexpected
+            segments.
     """
     name = segmentation.path.name
     try:
@@ -123,35 +136,104 @@ def label_from_segmentation(
     if str(dataset.SOPClassUID) != SEGMENTATION_SOP_CLASS:
         raise LabelError(f"{name}: not a DICOM SEG object")
     masks = masks[None] if masks.ndim == 2 else masks
+    groups = dataset.get("PerFrameFunctionalGroupsSequence") or []
+    if len(groups) != len(masks):
+        raise LabelError(f"{name}: {len(groups)} per-frame groups for {len(masks)} SEG frames")
+    shared = (dataset.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    try:
+        planes = [_plane(group, shared, name, number) for number, group in enumerate(groups, 1)]
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
+        raise LabelError(f"{name}: malformed DICOM SEG ({type(error).__name__})") from error
+    mismatch = _plane_mismatch(planes, decision)
+    if mismatch:
+        raise SegmentationMismatch(f"DICOM SEG {name} not applied: {mismatch}")
     first = decision.frames[0]
     if masks.shape[1:] != (first.rows, first.columns):
         raise LabelError(
             f"{name}: SEG frames are {masks.shape[1:]}, series is {(first.rows, first.columns)}"
         )
-    normal = first.normal
-    heights = np.array([f.position @ normal for f in decision.frames])
-    spacing = float(np.min(np.diff(heights))) if len(heights) > 1 else 1.0
-    stacked = np.zeros((first.columns, first.rows, len(decision.frames)), dtype=np.uint8)
-    groups = dataset.get("PerFrameFunctionalGroupsSequence") or []
-    if len(groups) != len(masks):
-        raise LabelError(f"{name}: {len(groups)} per-frame groups for {len(masks)} SEG frames")
+    positions = [position for _, position in planes]
     try:
-        _rasterize(groups, masks, heights, normal, spacing, stacked, name)
+        stacked = _rasterize(groups, masks, positions, decision, name)
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
         raise LabelError(f"{name}: malformed DICOM SEG ({type(error).__name__})") from error
     return nifti_image(regularize(stacked, decision, nearest=True), series_affine_ras(decision))
 
 
-def _rasterize(groups, masks, heights, normal, spacing, stacked, name) -> None:
-    """Places each SEG frame on the series slice at its position."""
-    for number, group in enumerate(groups):
+def _plane(
+    group: Dataset, shared: Dataset, name: str, number: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """ImageOrientationPatient and ImagePositionPatient of SEG frame ``number`` (1-based).
+
+    The orientation is read from the frame's own functional group, else the shared one.
+
+    Raises:
+        LabelError: If a value is NaN or infinite.
+        ValueError: If a value does not have 6 (orientation) or 3 (position) entries.
+    """
+    plane = (group if "PlaneOrientationSequence" in group else shared).PlaneOrientationSequence[0]
+    orientation = np.asarray(plane.ImageOrientationPatient, dtype=np.float64)
+    position = np.asarray(group.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
+    if orientation.shape != (6,) or position.shape != (3,):
+        raise ValueError("plane orientation or position malformed")
+    if not (np.all(np.isfinite(orientation)) and np.all(np.isfinite(position))):
+        raise LabelError(f"{name}: frame {number} orientation or position holds NaN or infinity")
+    return orientation, position
+
+
+def _plane_mismatch(planes: list[tuple[np.ndarray, np.ndarray]], decision: SeriesDecision) -> str:
+    """Why SEG frames (orientation, position) do not lie in the series' slice planes ('' if so).
+
+    Each frame must share the series' orientation and lie on the line along the slice normal
+    through the nearest slice (up to a quarter pixel), wherever it lies along that normal.
+    """
+    first = decision.frames[0]
+    expected = np.r_[first.row_direction, first.column_direction]
+    normal = first.normal
+    positions = np.array([frame.position for frame in decision.frames])
+    heights = positions @ normal
+    tolerance = _MAX_OFFSET_PIXELS * min(first.pixel_spacing)
+    for number, (orientation, position) in enumerate(planes, start=1):
+        if np.max(np.abs(orientation - expected)) > _ORIENTATION_TOLERANCE:
+            return (
+                f"its frame {number} is oriented {_rounded(orientation)}, this group's slices "
+                f"{_rounded(expected)}"
+            )
+        offset = position - positions[np.argmin(np.abs(heights - position @ normal))]
+        in_plane = float(np.linalg.norm(offset - (offset @ normal) * normal))
+        if in_plane > tolerance:
+            return f"its frame {number} lies {in_plane:.3g} mm in-plane off this group's slices"
+    return ""
+
+
+def _rounded(values: np.ndarray) -> list[float]:
+    return (np.round(values, 3) + 0.0).tolist()
+
+
+def _rasterize(
+    groups: list[Dataset],
+    masks: np.ndarray,
+    positions: list[np.ndarray],
+    decision: SeriesDecision,
+    name: str,
+) -> np.ndarray:
+    """Places each SEG frame on the series slice at its position; returns ``[i, j, frame]``."""
+    first = decision.frames[0]
+    normal = first.normal
+    heights = np.array([frame.position @ normal for frame in decision.frames])
+    spacing = float(np.min(np.diff(heights))) if len(heights) > 1 else 1.0
+    stacked = np.zeros((first.columns, first.rows, len(decision.frames)), dtype=np.uint8)
+    for number, (group, mask, position) in enumerate(
+        zip(groups, masks, positions, strict=True), start=1
+    ):
         segment = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         check_label_values(np.array([segment]), f"{name} segment {segment}")
-        position = np.asarray(group.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
-        k = int(np.argmin(np.abs(heights - position @ normal)))
-        if abs(heights[k] - position @ normal) > 0.01 * spacing:
+        height = float(position @ normal)
+        k = int(np.argmin(np.abs(heights - height)))
+        if abs(heights[k] - height) > 0.01 * spacing:
             raise LabelError(
-                f"{name}: frame {number + 1} lies at {position @ normal:.2f} mm along the "
-                "normal, where the series has no slice"
+                f"{name}: frame {number} lies at {height:.2f} mm along the normal, where the "
+                "series has no slice"
             )
-        stacked[:, :, k][masks[number].T > 0] = segment
+        stacked[:, :, k][mask.T > 0] = segment
+    return stacked

@@ -73,7 +73,7 @@ def load_nifti_image(path: Path) -> nib.Nifti1Image:
         image = nib.load(path)
         values = np.asanyarray(image.dataobj, dtype=np.float32)
     except Exception as error:  # nibabel raises many types for broken files
-        raise NiftiInputError(f"unreadable NIfTI ({type(error).__name__}: {error})") from error
+        raise NiftiInputError(f"{path.name}: unreadable NIfTI ({type(error).__name__})") from error
     if values.ndim == 4 and values.shape[3] == 1:
         values = values[..., 0]
     if values.ndim != 3:

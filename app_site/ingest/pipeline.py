@@ -2,7 +2,7 @@
 
 Output::
 
-    OUT/images/<case>.nii.gz    canonical RAS, float32, rescaled values
+    OUT/images/<case>.nii.gz    canonical RAS, rescaled values (int16 when integral, else float32)
     OUT/labels/<case>.nii.gz    uint8 tumour label on the image's grid (when one was given)
     OUT/datalist.json           MONAI decathlon-style lists: training, validation, test
     OUT/qc.json                 one record per series or NIfTI volume found, and per bad file
@@ -10,7 +10,9 @@ Output::
 The source folder is only read. Every output file is written under a temporary name and
 renamed into place; a re-run reuses cases whose inputs are unchanged (same content hash),
 removes outputs of cases that are gone, and so ends in the same dataset as one clean run.
-Case ids are hashes: no patient identifier reaches the outputs.
+Case ids are hashes: no patient identifier reaches the outputs, and QC reasons name files by
+their path under the source folder, never by an absolute path. A case that fails in an
+unforeseen way becomes a rejected QC record, not the end of the run.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -36,6 +40,7 @@ from app_site.ingest.frames import (
 )
 from app_site.ingest.labels import (
     LabelError,
+    SegmentationMismatch,
     SegmentationObject,
     label_from_nifti,
     label_from_segmentation,
@@ -71,6 +76,12 @@ TUMOUR_LABEL_NAMES = {
 
 #: Called as ``progress(stage, done, total)`` while ingesting.
 Progress = Callable[[str, int, int], None]
+
+#: An absolute path inside an error message: a slash that starts a word, up to a blank or quote.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s'\"]+")
+
+#: Longest error text put into a QC reason.
+_MAX_ERROR_TEXT = 200
 
 
 @dataclass(frozen=True)
@@ -150,7 +161,7 @@ def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestRe
     manifest = {}
     if options.manifest:
         manifest = {entry.series_uid: entry for entry in read_manifest(options.manifest)}
-    files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = _input_files(source)
     if not files:
         raise FileNotFoundError(f"{source}: folder holds no files to ingest")
     for folder in ("images", "labels"):
@@ -162,7 +173,8 @@ def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestRe
     with _executor(options.workers) as pool:
         chunk = max(1, len(files) // (8 * options.workers))
         scanned = []
-        for done, result in enumerate(pool.map(_scan_file, files, chunksize=chunk), start=1):
+        scan = partial(_scan_file, source=source)
+        for done, result in enumerate(pool.map(scan, files, chunksize=chunk), start=1):
             scanned.append(result)
             if progress:
                 progress("reading", done, len(files))
@@ -199,6 +211,7 @@ def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestRe
                     relative,
                     case_id,
                     label_path,
+                    source,
                     options,
                     previous.get(case_id),
                 )
@@ -239,7 +252,20 @@ class _Scanned:
     not_dicom: bool = False
 
 
-def _scan_file(path: Path) -> _Scanned:
+def _input_files(source: Path) -> list[Path]:
+    """Every file under ``source`` to ingest, sorted: regular files and broken links.
+
+    Hidden files and everything inside hidden folders (``.git``, ``.DS_Store``...) are left out.
+    """
+    return sorted(
+        path
+        for path in source.rglob("*")
+        if not any(part.startswith(".") for part in path.relative_to(source).parts)
+        and (path.is_file() or (path.is_symlink() and not path.exists()))
+    )
+
+
+def _scan_file(path: Path, source: Path) -> _Scanned:
     if is_nifti(path):
         return _Scanned(path)
     try:
@@ -248,6 +274,8 @@ def _scan_file(path: Path) -> _Scanned:
         return _Scanned(path, error=str(error), not_dicom=True)
     except UnreadableFileError as error:
         return _Scanned(path, error=str(error))
+    except OSError as error:
+        return _Scanned(path, error=f"unreadable file ({_error_text(error, source)})")
 
 
 def _sort_scan(
@@ -292,10 +320,12 @@ def _dicom_case(
     options: IngestOptions,
     earlier: dict | None,
 ) -> tuple[dict, str | None]:
-    """Converts (or reuses) one decided DICOM series; returns its QC record and outcome."""
+    """Converts (or reuses) one decided DICOM series; returns its QC record and outcome.
+
+    Every failure, foreseen or not, becomes a rejected record: one case never ends the run.
+    """
     first = decision.frames[0]
     files = sorted({frame.path for frame in decision.frames})
-    label_source = entry.label if entry else (segmentations[0].path if segmentations else None)
     record = {
         "case_id": case_id,
         "series_uid": decision.series_uid,
@@ -317,34 +347,79 @@ def _dicom_case(
     if decision.status != ACCEPTED:
         record["source"] = _relative_folder(files, source)
         return record, None
+    try:
+        return _convert_dicom(record, decision, entry, segmentations, options, earlier)
+    except UnreadableFileError as error:
+        reason = str(error)
+    except LabelError as error:
+        reason = f"label: {error}"
+    except Exception as error:  # an unforeseen failure of one case must not end the run
+        reason = f"conversion failed ({_error_text(error, source)})"
+    return _rejected(record, files, source, reason), None
+
+
+def _convert_dicom(
+    record: dict,
+    decision: SeriesDecision,
+    entry: ManifestEntry | None,
+    segmentations: list[SegmentationObject],
+    options: IngestOptions,
+    earlier: dict | None,
+) -> tuple[dict, str]:
+    """Converts (or reuses) an accepted DICOM series and completes its record.
+
+    The content hash covers the series' frames and every label source: the manifest's label,
+    else every DICOM SEG that references the series.
+
+    Raises:
+        UnreadableFileError: If the series' pixels cannot be decoded.
+        LabelError: If its label does not fit it.
+    """
     digests = [f"{frame.file_digest}:{frame.frame_number}" for frame in decision.frames]
-    record["content_hash"] = _content_hash(digests, label_source, options)
+    labels = [entry.label] if entry else [segmentation.path for segmentation in segmentations]
+    record["content_hash"] = _content_hash(digests, labels, options)
     if _reusable(earlier, record["content_hash"], options.output):
         return earlier, "unchanged"
-    if len(segmentations) > 1 and entry is None:
-        reason = "several DICOM SEG objects reference the series"
-        return _rejected(record, files, source, reason), None
-    try:
-        image = load_series(decision)
-    except UnreadableFileError as error:
-        return _rejected(record, files, source, str(error)), None
+    image = load_series(decision)
     record["orientation"] = "".join(nib.aff2axcodes(series_affine_ras(decision)))
     record["oblique"] = _is_oblique(image.affine)
-    try:
-        if entry is not None:
-            if decision.resampled:
-                raise LabelError(
-                    f"{entry.label.name}: a label file cannot describe a series that needed "
-                    "resampling; give the label as a DICOM SEG instead"
-                )
-            label = label_from_nifti(entry.label, canonical(image))
-        elif segmentations:
-            label = canonical(label_from_segmentation(segmentations[0], decision))
-        else:
-            label = None
-    except (LabelError, FileNotFoundError) as error:
-        return _rejected(record, files, source, f"label: {error}"), None
+    if entry is not None:
+        if decision.resampled:
+            raise LabelError(
+                f"{entry.label.name}: a label file cannot describe a series that needed "
+                "resampling; give the label as a DICOM SEG instead"
+            )
+        label = label_from_nifti(entry.label, canonical(image))
+    else:
+        label, not_applied = _segmentation_label(segmentations, decision)
+        record["reason"] = "; ".join(filter(None, [decision.reason, *not_applied]))
     return _accept(record, canonical(image), label, options.output), "converted"
+
+
+def _segmentation_label(
+    segmentations: list[SegmentationObject], decision: SeriesDecision
+) -> tuple[nib.Nifti1Image | None, list[str]]:
+    """The canonical label from the one DICOM SEG drawn on the series' slices, if any.
+
+    A SEG drawn on other planes labels another group of frames sharing the series UID; it is
+    not applied, and said so.
+
+    Returns:
+        The label (``None`` when no SEG fits), and why each other SEG was not applied.
+
+    Raises:
+        LabelError: If a SEG on the series' slices does not fit them, or several do.
+    """
+    fitting, not_applied = [], []
+    for segmentation in segmentations:
+        try:
+            fitting.append((segmentation, label_from_segmentation(segmentation, decision)))
+        except SegmentationMismatch as mismatch:
+            not_applied.append(str(mismatch))
+    if len(fitting) > 1:
+        names = ", ".join(segmentation.path.name for segmentation, _ in fitting)
+        raise LabelError(f"several DICOM SEG objects label the series ({names}); keep one")
+    return (canonical(fitting[0][1]) if fitting else None), not_applied
 
 
 def _nifti_case(
@@ -352,10 +427,14 @@ def _nifti_case(
     relative: str,
     case_id: str,
     label_path: Path | None,
+    source: Path,
     options: IngestOptions,
     earlier: dict | None,
 ) -> tuple[dict, str | None]:
-    """Converts (or reuses) one NIfTI image; returns its QC record and outcome."""
+    """Converts (or reuses) one NIfTI image; returns its QC record and outcome.
+
+    Every failure, foreseen or not, becomes a rejected record: one case never ends the run.
+    """
     record = {
         "case_id": case_id,
         "series_uid": None,
@@ -372,27 +451,45 @@ def _nifti_case(
         "n_files": 1,
         "n_frames": None,
         "resampled": False,
-        "content_hash": _content_hash([_file_digest(path)], label_path, options),
+        "content_hash": None,
     }
+    try:
+        return _convert_nifti(record, path, label_path, options, earlier)
+    except NiftiInputError as error:
+        reason = str(error)
+    except LabelError as error:
+        reason = f"label: {error}"
+    except Exception as error:  # an unforeseen failure of one case must not end the run
+        reason = f"conversion failed ({_error_text(error, source)})"
+    record.update(status=REJECTED, reason=reason, file=relative)
+    return record, None
+
+
+def _convert_nifti(
+    record: dict, path: Path, label_path: Path | None, options: IngestOptions, earlier: dict | None
+) -> tuple[dict, str]:
+    """Converts (or reuses) a NIfTI image and completes its record.
+
+    Raises:
+        NiftiInputError: If the image is unusable.
+        LabelError: If its label does not fit it.
+    """
+    labels = [label_path] if label_path else []
+    record["content_hash"] = _content_hash([_file_digest(path)], labels, options)
     if _reusable(earlier, record["content_hash"], options.output):
         return earlier, "unchanged"
-    try:
-        image = load_nifti_image(path)
-        label = label_from_nifti(label_path, image) if label_path else None
-    except NiftiInputError as error:
-        record.update(status=REJECTED, reason=str(error), file=relative)
-        return record, None
-    except (LabelError, FileNotFoundError) as error:
-        record.update(status=REJECTED, reason=f"label: {error}", file=relative)
-        return record, None
+    image = load_nifti_image(path)
+    label = label_from_nifti(label_path, image) if label_path else None
     record["orientation"] = "".join(nib.aff2axcodes(nib.load(path).affine))
     record["oblique"] = _is_oblique(image.affine)
     return _accept(record, image, label, options.output), "converted"
 
 
 def _reusable(earlier: dict | None, content_hash: str, output: Path) -> bool:
-    """Whether an earlier record describes the same inputs and its outputs are in place."""
-    if not earlier or earlier.get("content_hash") != content_hash:
+    """Whether an earlier accepted record describes the same inputs and its outputs are there."""
+    if not earlier or earlier.get("status") != ACCEPTED:
+        return False
+    if earlier.get("content_hash") != content_hash:
         return False
     outputs = [earlier.get("output"), earlier.get("label")]
     return all((Path(output) / p).is_file() for p in outputs if p)
@@ -480,15 +577,30 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _content_hash(digests: list[str], label: Path | None, options: IngestOptions) -> str:
+def _content_hash(digests: list[str], labels: list[Path], options: IngestOptions) -> str:
+    """Hash of a case's inputs: image digests, each label source's name and digest, options."""
     payload = {
         "format_version": INGEST_FORMAT_VERSION,
         "inputs": digests,
-        "label": _file_digest(label) if label and label.is_file() else None,
+        "labels": [[p.name, _file_digest(p) if p.is_file() else None] for p in labels],
         "resample_gaps": options.resample_gaps,
         "resample_tilt": options.resample_tilt,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _error_text(error: BaseException, source: Path) -> str:
+    """``Type: message`` of an error, fit for a QC reason.
+
+    Paths under ``source`` become relative to it and any other absolute path is cut to its file
+    name: no absolute path reaches ``qc.json``. Long messages are shortened.
+    """
+    message = str(error).replace(f"{source}{os.sep}", "")
+    message = _ABSOLUTE_PATH.sub(lambda match: Path(match.group()).name, message)
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    if len(text) <= _MAX_ERROR_TEXT:
+        return text
+    return text[: _MAX_ERROR_TEXT - 3] + "..."
 
 
 def _is_oblique(affine: np.ndarray) -> bool:

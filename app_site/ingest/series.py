@@ -31,6 +31,12 @@ _SAME_POSITION_MM = 1e-3
 #: Orientation cosines are compared after rounding to this many decimals.
 _ORIENTATION_DECIMALS = 3
 
+#: A series resampled onto uniform slices may hold at most this many times its acquired
+#: slices, and never more than :data:`MAX_RESAMPLED_SLICES`: a larger grid means an outlier
+#: slice position, not missing slices.
+MAX_FILL_FACTOR = 64
+MAX_RESAMPLED_SLICES = 2048
+
 
 @dataclass(frozen=True)
 class SeriesDecision:
@@ -57,20 +63,30 @@ class SeriesDecision:
 def group_frames(frames: Iterable[Frame]) -> list[list[Frame]]:
     """Groups frames by series UID and orientation, in a deterministic order.
 
+    A series in which some frame's orientation holds NaN or infinity stays one group: its
+    frames cannot be told apart by plane, and :func:`decide` rejects it.
+
     Args:
         frames: Frames from any number of files.
 
     Returns:
         Groups ordered by series UID, then orientation.
     """
-    groups: dict[tuple, list[Frame]] = defaultdict(list)
+    by_series: dict[str, list[Frame]] = defaultdict(list)
     for frame in frames:
-        orientation = tuple(
-            np.round(np.r_[frame.row_direction, frame.column_direction], _ORIENTATION_DECIMALS)
-            + 0.0  # turns -0.0 into 0.0
-        )
-        groups[(frame.series_uid, orientation)].append(frame)
-    return [groups[key] for key in sorted(groups)]
+        by_series[frame.series_uid].append(frame)
+    groups = []
+    for series_uid in sorted(by_series):
+        members = by_series[series_uid]
+        if not all(np.all(np.isfinite(_orientation(frame))) for frame in members):
+            groups.append(members)
+            continue
+        by_orientation: dict[tuple, list[Frame]] = defaultdict(list)
+        for frame in members:
+            rounded = np.round(_orientation(frame), _ORIENTATION_DECIMALS) + 0.0  # no -0.0
+            by_orientation[tuple(rounded)].append(frame)
+        groups.extend(by_orientation[key] for key in sorted(by_orientation))
+    return groups
 
 
 def decide(
@@ -81,6 +97,10 @@ def decide(
 ) -> SeriesDecision:
     """Decides whether a group of frames (one UID, one orientation) is a usable volume.
 
+    A group whose position, orientation, pixel spacing or rescale holds NaN or infinity is
+    rejected naming the tag, and so is one whose resampled grid would be absurdly large (more
+    than :data:`MAX_FILL_FACTOR` times its slices, or :data:`MAX_RESAMPLED_SLICES`).
+
     Args:
         frames: The group.
         modality: Only this modality is accepted (``MR`` or ``CT``); ``None`` accepts any.
@@ -90,9 +110,14 @@ def decide(
             orthogonal grid.
 
     Returns:
-        The decision, with frames sorted by position along the slice normal.
+        The decision, with frames sorted by position along the slice normal (by file when
+        their geometry holds NaN or infinity).
     """
     first = frames[0]
+    non_finite = _non_finite_header(frames)
+    if non_finite:
+        by_file = sorted(frames, key=lambda f: (str(f.path), f.frame_number or 0))
+        return SeriesDecision(first.series_uid, tuple(by_file), REJECTED, non_finite)
     normal = first.normal
     ordered = tuple(sorted(frames, key=lambda f: (float(f.position @ normal), str(f.path))))
 
@@ -133,15 +158,61 @@ def decide(
         if not resample_tilt:
             return verdict(REJECTED, f"{tilt}; --resample-tilt resamples it to an orthogonal grid")
         problems.append(tilt)
-    gaps = _spacing_problem(positions @ normal, along_normal, spacing)
+    heights = positions @ normal
+    gaps = _spacing_problem(heights, along_normal, spacing)
     if gaps:
         if not resample_gaps:
             return verdict(REJECTED, f"{gaps}; --resample-gaps resamples it to uniform slices")
         problems.append(gaps)
     if problems:
+        oversized = _oversized_grid(heights, spacing)
+        if oversized:
+            return verdict(REJECTED, oversized)
         reason = "resampled: " + "; ".join(problems)
         return SeriesDecision(first.series_uid, ordered, ACCEPTED, reason, spacing, True)
     return SeriesDecision(first.series_uid, ordered, ACCEPTED, "", float(np.mean(along_normal)))
+
+
+def _orientation(frame: Frame) -> np.ndarray:
+    """A frame's six ImageOrientationPatient values."""
+    return np.r_[frame.row_direction, frame.column_direction]
+
+
+def _non_finite_header(frames: list[Frame]) -> str:
+    """Names a geometry or rescale tag holding NaN or infinity in some frame ('' if none)."""
+    for tag, values in (
+        ("ImageOrientationPatient", _orientation),
+        ("ImagePositionPatient", lambda frame: frame.position),
+        ("PixelSpacing", lambda frame: frame.pixel_spacing),
+        (
+            "RescaleSlope or RescaleIntercept",
+            lambda frame: (frame.rescale_slope, frame.rescale_intercept),
+        ),
+    ):
+        bad = [frame for frame in frames if not np.all(np.isfinite(values(frame)))]
+        if bad:
+            return (
+                f"{tag} holds NaN or infinite values in {len(bad)} of {len(frames)} frame(s), "
+                f"first in {bad[0].path.name}"
+            )
+    return ""
+
+
+def _oversized_grid(heights: np.ndarray, spacing: float) -> str:
+    """Describes a uniform grid through sorted slice heights that would be absurdly large.
+
+    Returns '' when the grid holds at most :data:`MAX_FILL_FACTOR` times the acquired slices
+    and at most :data:`MAX_RESAMPLED_SLICES`.
+    """
+    count = float(heights[-1] - heights[0]) / spacing + 1
+    limit = min(MAX_RESAMPLED_SLICES, MAX_FILL_FACTOR * len(heights))
+    if count <= limit:
+        return ""
+    return (
+        f"resampling would spread {len(heights)} slices over {count:.4g} slices of "
+        f"{spacing:.4g} mm ({float(heights[0]):.2f} to {float(heights[-1]):.2f} mm), more than "
+        f"the {limit} allowed: check the ImagePositionPatient of the outlying slices"
+    )
 
 
 def _inconsistent_matrix(frames: tuple[Frame, ...]) -> str:

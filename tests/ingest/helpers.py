@@ -4,11 +4,13 @@ import hashlib
 import shutil
 from pathlib import Path
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
+from pydicom.sr.codedict import codes
 
 from app_site.ingest.pipeline import IngestOptions, IngestReport, ingest
 
@@ -80,3 +82,53 @@ def rescaled(dataset: pydicom.Dataset) -> np.ndarray:
     slope = float(dataset.get("RescaleSlope", 1) or 1)
     intercept = float(dataset.get("RescaleIntercept", 0) or 0)
     return dataset.pixel_array.astype(np.float32) * slope + intercept
+
+
+def assert_no_absolute_paths(output: Path, source: Path) -> None:
+    """``qc.json`` names files relative to the source: no absolute path of it, or beside it."""
+    text = (output / "qc.json").read_text()
+    for root in (source.resolve(), source.resolve().parent):
+        assert str(root) not in text, f"qc.json holds the absolute path {root}"
+
+
+def sorted_along_normal(paths: list[Path]) -> list[pydicom.Dataset]:
+    """A series' datasets, sorted by position along their slice normal."""
+    datasets = [pydicom.dcmread(p) for p in paths]
+    orientation = np.array(datasets[0].ImageOrientationPatient, float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    return sorted(datasets, key=lambda ds: float(normal @ np.array(ds.ImagePositionPatient, float)))
+
+
+def write_segmentation(datasets: list[pydicom.Dataset], label_map: np.ndarray, path: Path) -> None:
+    """Writes a binary DICOM SEG (highdicom) of tumour labels 1-3 drawn on ``datasets``.
+
+    Args:
+        datasets: The series' slices, sorted along the normal.
+        label_map: ``[slice, row, column]`` label values, slices in the order of ``datasets``.
+        path: The SEG file to write.
+    """
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=name,
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Neoplasm,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )
+        for number, name in ((1, "necrotic core"), (2, "edema"), (3, "enhancing tumour"))
+    ]
+    segmentation = hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=label_map,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments,
+        series_instance_uid=hd.UID(),
+        series_number=100,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="fedseg tests",
+        manufacturer_model_name="highdicom",
+        software_versions="1",
+        device_serial_number="1",
+    )
+    segmentation.save_as(path)

@@ -7,7 +7,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .helpers import TEST_FILES, data_file, run_ingest
+from .helpers import TEST_FILES, assert_no_absolute_paths, data_file, run_ingest
 
 SEEDS = [
     TEST_FILES / "CT_small.dcm",
@@ -57,3 +57,4 @@ def test_mutated_files_never_crash_and_are_all_recorded(files):
             if record["status"] != "accepted":
                 assert record["reason"], record
                 assert record.get("file") or record.get("source"), record
+        assert_no_absolute_paths(Path(scratch) / "out", source)

@@ -10,6 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from app_site.ingest.series import MAX_FILL_FACTOR, MAX_RESAMPLED_SLICES
 from fedseg.synth.dicom_series import SeriesIdentity, write_series
 from fedseg.synth.scanner import site_profile
 
@@ -163,3 +164,61 @@ def test_modality_filter(tmp_path):
     write_linear_series(tmp_path / "in" / "series")
     (record,) = run_ingest(tmp_path / "in", tmp_path / "out", modality="CT").records
     assert record["status"] == "skipped" and record["reason"] == "modality MR, CT requested"
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+@pytest.mark.parametrize("resample", [False, True], ids=["plain", "resampling"])
+@pytest.mark.parametrize(
+    ("tag", "value"),
+    [
+        ("ImagePositionPatient", ["nan", "0", "0"]),
+        ("ImagePositionPatient", ["0", "inf", "0"]),
+        ("ImageOrientationPatient", ["1", "0", "0", "0", "nan", "0"]),
+        ("PixelSpacing", ["inf", "1"]),
+        ("RescaleSlope", "nan"),
+    ],
+)
+def test_non_finite_header_values_reject_the_whole_series_naming_the_tag(
+    tmp_path, tag, value, resample
+):
+    paths, _ = write_linear_series(tmp_path / "in" / "series")
+    dataset = pydicom.dcmread(paths[3])
+    setattr(dataset, tag, value)
+    dataset.save_as(paths[3])
+    report = run_ingest(
+        tmp_path / "in", tmp_path / "out", resample_gaps=resample, resample_tilt=resample
+    )
+    (record,) = report.records
+    assert record["status"] == "rejected" and record["n_files"] == len(paths)
+    assert f"holds NaN or infinite values in 1 of {len(paths)} frame(s)" in record["reason"]
+    assert tag in record["reason"] and paths[3].name in record["reason"]
+
+
+def test_an_outlier_slice_is_not_gap_filled_into_a_huge_grid(tmp_path):
+    paths, _ = write_linear_series(tmp_path / "in" / "series")
+    dataset = pydicom.dcmread(paths[-1])
+    position = np.array(dataset.ImagePositionPatient, float)
+    position[2] += 20000.0  # 20 m beyond the others: a typo, not 1400 missing slices
+    dataset.ImagePositionPatient = [f"{v:.6f}" for v in position]
+    dataset.save_as(paths[-1])
+    (record,) = run_ingest(tmp_path / "in", tmp_path / "out", resample_gaps=True).records
+    assert record["status"] == "rejected" and record["n_files"] == len(paths)
+    assert record["reason"].startswith(f"resampling would spread {len(paths)} slices over")
+    assert (
+        f"more than the {min(MAX_RESAMPLED_SLICES, MAX_FILL_FACTOR * len(paths))}"
+        in (record["reason"])
+    )
+    assert not list((tmp_path / "out" / "images").iterdir())
+
+
+def test_a_gap_filled_grid_at_the_limit_is_accepted(tmp_path):
+    paths, grid = write_linear_series(tmp_path / "in" / "series", size=8)
+    spacing = grid.spacing[2]
+    limit = MAX_FILL_FACTOR * len(paths)
+    dataset = pydicom.dcmread(paths[-1])
+    height = (limit - 1) * spacing - 0.001  # just inside the limit, whatever the rounding
+    position = grid.slice_position(0) + height * grid.direction[:, 2]
+    dataset.ImagePositionPatient = [f"{v:.6f}" for v in position]
+    dataset.save_as(paths[-1])
+    (record,) = run_ingest(tmp_path / "in", tmp_path / "out", resample_gaps=True).records
+    assert record["status"] == "accepted" and record["shape"][2] == limit

@@ -1,14 +1,16 @@
 """NIfTI volumes in the ingested folder: checked, paired with labels, canonicalized."""
 
+import gzip
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from app_site.ingest import pipeline
 from app_site.ingest.volume import nifti_image
 
-from .helpers import canonical_axcodes, only, run_ingest
+from .helpers import assert_no_absolute_paths, canonical_axcodes, only, run_ingest
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 
@@ -61,6 +63,9 @@ def test_image_and_paired_label_are_canonicalized_together(tmp_path, volume):
     ("break_it", "reason"),
     [
         ("nan", "voxel(s) hold NaN or infinite values"),
+        ("not_gzip", "t1c.nii.gz: unreadable NIfTI (ImageFileError)"),
+        ("not_nifti", "t1c.nii.gz: unreadable NIfTI (ImageFileError)"),
+        ("label_unreadable", "label: t1c_seg.nii.gz: label unreadable"),
         ("sheared", "affine is sheared"),
         ("singular", "affine is singular"),
         ("label_values", "label: t1c_seg.nii.gz: label values [5]"),
@@ -87,11 +92,18 @@ def test_bad_volumes_and_labels_are_rejected_with_the_reason(tmp_path, volume, b
         label = label[:, :, :-1]
     elif break_it == "label_affine":
         label_affine[0, 3] += 3.0
-    save(tmp_path / "in" / "t1c.nii.gz", values, affine)
-    save(tmp_path / "in" / "t1c_seg.nii.gz", label, label_affine)
+    image_path = save(tmp_path / "in" / "t1c.nii.gz", values, affine)
+    label_path = save(tmp_path / "in" / "t1c_seg.nii.gz", label, label_affine)
+    if break_it == "not_gzip":
+        image_path.write_bytes(b"not a volume" * 40)
+    elif break_it == "not_nifti":
+        image_path.write_bytes(gzip.compress(b"not a volume" * 40))
+    elif break_it == "label_unreadable":
+        label_path.write_bytes(b"not a label" * 40)
     (record,) = run_ingest(tmp_path / "in", tmp_path / "out").records
     assert record["status"] == "rejected" and record["file"] == "t1c.nii.gz"
     assert reason in record["reason"]
+    assert_no_absolute_paths(tmp_path / "out", tmp_path / "in")
 
 
 def test_nibabel_real_volumes(tmp_path):
@@ -104,3 +116,28 @@ def test_nibabel_real_volumes(tmp_path):
     (accepted,) = only(report, "accepted")
     assert accepted["shape"] == list(nib.load(NIBABEL_DATA / "anatomical.nii").shape)
     assert "4D volume" in by_file["example4d.nii.gz"]["reason"]
+    assert_no_absolute_paths(tmp_path / "out", source)
+
+
+def test_an_unforeseen_failure_rejects_the_volume_and_the_run_goes_on(
+    tmp_path, volume, monkeypatch
+):
+    values, _, affine = volume
+    for name in ("a", "b"):
+        save(tmp_path / "in" / f"{name}.nii.gz", values, affine)
+    real_load = pipeline.load_nifti_image
+
+    def failing_load(path):
+        if path.name == "a.nii.gz":
+            raise OSError(5, "Input/output error", str(path))
+        return real_load(path)
+
+    monkeypatch.setattr(pipeline, "load_nifti_image", failing_load)
+    report = run_ingest(tmp_path / "in", tmp_path / "out")
+    (rejected,) = only(report, "rejected")
+    assert rejected["file"] == "a.nii.gz"
+    assert rejected["reason"] == (
+        "conversion failed (OSError: [Errno 5] Input/output error: 'a.nii.gz')"
+    )
+    assert len(only(report, "accepted")) == 1
+    assert_no_absolute_paths(tmp_path / "out", tmp_path / "in")

@@ -1,6 +1,7 @@
 """Ingestion of real DICOM files that install with pydicom and pydicom-data."""
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -13,6 +14,7 @@ from app_site.ingest.frames import decode_frames, read_dicom_file
 
 from .helpers import (
     TEST_FILES,
+    assert_no_absolute_paths,
     assert_same_voxels,
     canonical_axcodes,
     data_file,
@@ -167,6 +169,7 @@ def test_whole_pydicom_test_tree_is_recorded_without_a_crash(tmp_path):
     for record in only(report, "rejected") + only(report, "skipped"):
         assert record["reason"]
         assert record.get("file") or record.get("source") or record.get("series_uid")
+    assert_no_absolute_paths(tmp_path / "out", TEST_FILES)
 
 
 def test_corrupt_truncated_and_foreign_files_get_records_naming_them(tmp_path):
@@ -184,6 +187,40 @@ def test_corrupt_truncated_and_foreign_files_get_records_naming_them(tmp_path):
     (series,) = [r for r in report.records if r.get("series_uid")]
     assert series["status"] == "rejected" and "pixel data unreadable" in series["reason"]
     assert victim.name in series["reason"]
+    assert_no_absolute_paths(tmp_path / "out", source)
+
+
+def test_files_that_cannot_be_opened_get_records(tmp_path):
+    """A broken link, and a link to a file whose reading fails (even as root: chmod 000 does
+    not stop root, but reading /proc/self/mem from its start fails with EIO)."""
+    source = folder_of(tmp_path, "in", list(CT5N.iterdir()))
+    (source / "moved.dcm").symlink_to(tmp_path / "gone.dcm")
+    (source / "failing.dcm").symlink_to("/proc/self/mem")
+    report = run_ingest(source, tmp_path / "out")
+    by_file = {r.get("file"): r for r in report.records}
+    assert by_file["moved.dcm"]["status"] == "rejected"
+    assert by_file["moved.dcm"]["reason"].startswith("unreadable file (FileNotFoundError: ")
+    assert by_file["failing.dcm"]["status"] == "rejected"
+    assert by_file["failing.dcm"]["reason"] == (
+        "unreadable file (OSError: [Errno 5] Input/output error)"
+    )
+    assert len(only(report, "accepted")) == 1
+    assert_no_absolute_paths(tmp_path / "out", source)
+
+
+def test_hidden_files_and_everything_in_hidden_folders_are_ignored(tmp_path):
+    source = folder_of(tmp_path, "in", list(CT5N.iterdir()))
+    a_slice = sorted(source.iterdir())[0]
+    for hidden in (".git/objects/ab", ".DS_Store", "sub/.Trash", "sub/.cache"):
+        (source / hidden).mkdir(parents=True)
+    (source / ".git" / "objects" / "ab" / "cdef0123").write_bytes(b"x\x9c packed git object")
+    (source / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    shutil.copy(a_slice, source / ".DS_Store" / a_slice.name)  # would duplicate a slice
+    shutil.copy(a_slice, source / "sub" / ".Trash" / "deleted.dcm")
+    (source / "sub" / ".cache" / "notes.txt").write_text("cache")
+    (source / ".hidden.dcm").write_bytes(a_slice.read_bytes())
+    (record,) = run_ingest(source, tmp_path / "out").records
+    assert record["status"] == "accepted" and record["n_files"] == 5
 
 
 @pytest.mark.parametrize(
@@ -219,3 +256,4 @@ def test_nibabel_siemens_and_philips_files(tmp_path):
     assert by_file["philips_mprage.dcm.gz"]["reason"].startswith("gzip-compressed file")
     assert by_file["decimal_rescale.dcm"]["status"] == "rejected"
     assert "no SeriesInstanceUID" in by_file["decimal_rescale.dcm"]["reason"]
+    assert_no_absolute_paths(tmp_path / "out", source)

@@ -14,11 +14,21 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from monai.data import load_decathlon_datalist
-from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
+from app_site.ingest import pipeline
 from app_site.ingest.manifest import read_manifest
 
-from .helpers import assert_same_voxels, only, run_ingest, sitk_series, tree_digest
+from .helpers import (
+    assert_no_absolute_paths,
+    assert_same_voxels,
+    only,
+    run_ingest,
+    sitk_series,
+    sorted_along_normal,
+    tree_digest,
+    write_segmentation,
+)
 
 FEDSEG = str(Path(sys.executable).with_name("fedseg"))
 
@@ -183,39 +193,10 @@ def test_dicom_seg_label_equals_the_manifest_label(hospitals, tmp_path):
     series = out / "site-2" / "dicom" / entry.case_id
     source = tmp_path / "src"
     shutil.copytree(series, source)
-    datasets = [pydicom.dcmread(p) for p in source.iterdir()]
-    normal = np.cross(
-        np.array(datasets[0].ImageOrientationPatient[:3], float),
-        np.array(datasets[0].ImageOrientationPatient[3:], float),
-    )
-    datasets.sort(key=lambda ds: float(np.dot(normal, np.array(ds.ImagePositionPatient, float))))
+    datasets = sorted_along_normal(list(source.iterdir()))
     label = np.asarray(nib.load(entry.label).dataobj)  # [i, j, k], k ascending along the normal
     label_map = np.ascontiguousarray(label.transpose(2, 1, 0)).astype(np.uint8)
-    segments = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=name,
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=codes.SCT.Neoplasm,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-        )
-        for number, name in ((1, "necrotic core"), (2, "edema"), (3, "enhancing tumour"))
-    ]
-    segmentation = hd.seg.Segmentation(
-        source_images=datasets,
-        pixel_array=label_map,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segments,
-        series_instance_uid=hd.UID(),
-        series_number=100,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="fedseg tests",
-        manufacturer_model_name="highdicom",
-        software_versions="1",
-        device_serial_number="1",
-    )
-    segmentation.save_as(source / "tumour_seg.dcm")
+    write_segmentation(datasets, label_map, source / "tumour_seg.dcm")
 
     from_seg = only(run_ingest(source, tmp_path / "seg"), "accepted")[0]
     from_manifest = only(
@@ -226,6 +207,114 @@ def test_dicom_seg_label_equals_the_manifest_label(hospitals, tmp_path):
     manifest_label = np.asarray(nib.load(tmp_path / "manifest" / from_manifest["label"]).dataobj)
     assert set(np.unique(seg_label)) == {0, 1, 2, 3}
     np.testing.assert_array_equal(seg_label, manifest_label)
+
+
+def seg_labelled_series(hospitals, source: Path) -> tuple[list[pydicom.Dataset], np.ndarray]:
+    """Copies a site-2 (axial) series to ``source`` and labels it with a DICOM SEG.
+
+    Returns:
+        The series' datasets sorted along the normal, and the label as ingestion must write it
+        (canonical RAS).
+    """
+    out, _ = hospitals
+    entry = read_manifest(out / "site-2" / "manifest.csv")[0]
+    shutil.copytree(out / "site-2" / "dicom" / entry.case_id, source)
+    datasets = sorted_along_normal(sorted(source.iterdir()))
+    label = nib.load(entry.label)
+    values = np.asarray(label.dataobj)  # [i, j, k], k ascending along the normal
+    label_map = np.ascontiguousarray(values.transpose(2, 1, 0)).astype(np.uint8)
+    write_segmentation(datasets, label_map, source / "tumour_seg.dcm")
+    return datasets, np.asarray(nib.as_closest_canonical(label).dataobj)
+
+
+def test_a_seg_labels_only_the_group_of_slices_it_was_drawn_on(hospitals, tmp_path):
+    """A coronal group sharing the axial series' UID, with a slice at the height (along its own
+    normal) of every SEG frame, must not take the axial SEG as its label."""
+    source = tmp_path / "src"
+    datasets, label = seg_labelled_series(hospitals, source)
+    first = datasets[0]
+    row = np.array(first.ImageOrientationPatient[:3], float)
+    column = np.array(first.ImageOrientationPatient[3:], float)
+    normal = np.cross(row, column)
+    spacing = float(first.PixelSpacing[0])
+    for j in range(4):  # coronal: rows along -normal, slices stacked along the axial column
+        coronal = pydicom.dcmread(source / Path(first.filename).name)
+        coronal.SOPInstanceUID = generate_uid()
+        coronal.ImageOrientationPatient = [f"{v:g}" for v in (*row, *(-normal))]
+        position = np.array(first.ImagePositionPatient, float) + j * spacing * column
+        coronal.ImagePositionPatient = [f"{v:.4f}" for v in position]
+        coronal.save_as(source / f"coronal{j}.dcm")
+
+    report = run_ingest(source, tmp_path / "out")
+    axial, coronal = sorted(only(report, "accepted"), key=lambda r: -r["n_files"])
+    assert coronal["n_files"] == 4 and axial["n_files"] == len(datasets)
+    assert coronal["label"] is None
+    assert "DICOM SEG tumour_seg.dcm not applied: its frame 1 is oriented" in coronal["reason"]
+    assert axial["reason"] == ""
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(tmp_path / "out" / axial["label"]).dataobj), label
+    )
+
+
+def test_a_seg_shifted_in_plane_is_not_applied(hospitals, tmp_path):
+    source = tmp_path / "src"
+    seg_labelled_series(hospitals, source)
+    seg = pydicom.dcmread(source / "tumour_seg.dcm")
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        plane = group.PlanePositionSequence[0]
+        plane.ImagePositionPatient = [float(plane.ImagePositionPatient[0]) + 10.0,
+                                      *plane.ImagePositionPatient[1:]]  # fmt: skip
+    seg.save_as(source / "tumour_seg.dcm")
+    (record,) = run_ingest(source, tmp_path / "out").records
+    assert record["status"] == "accepted" and record["label"] is None
+    assert "tumour_seg.dcm not applied: its frame 1 lies 10 mm in-plane off" in record["reason"]
+
+
+def test_adding_a_second_seg_then_rerunning_equals_a_clean_run(hospitals, tmp_path):
+    source = tmp_path / "src"
+    seg_labelled_series(hospitals, source)
+    second = pydicom.dcmread(source / "tumour_seg.dcm")
+    second.SOPInstanceUID = generate_uid()
+    rerun = tmp_path / "rerun"
+    (first,) = run_ingest(source, rerun).records
+    assert first["status"] == "accepted" and first["label"]
+    one_seg = tree_digest(rerun)
+
+    second.save_as(source / "tumour_seg_2.dcm")
+    run_ingest(source, rerun)
+    (clean,) = run_ingest(source, tmp_path / "clean").records
+    assert tree_digest(rerun) == tree_digest(tmp_path / "clean")
+    assert clean["status"] == "rejected"
+    assert "several DICOM SEG objects label the series" in clean["reason"]
+
+    (source / "tumour_seg_2.dcm").unlink()
+    run_ingest(source, rerun)
+    assert tree_digest(rerun) == one_seg
+
+
+def test_an_unforeseen_failure_rejects_its_case_and_the_run_goes_on(
+    hospitals, tmp_path, monkeypatch
+):
+    out, _ = hospitals
+    source = out / "site-1" / "dicom"
+    victim = sorted(read_manifest(out / "site-1" / "manifest.csv"), key=lambda e: e.case_id)[0]
+    real_load_series = pipeline.load_series
+
+    def failing_load_series(decision):
+        if decision.series_uid == victim.series_uid:
+            raise RuntimeError(f"decoder crashed on {decision.frames[0].path}")
+        return real_load_series(decision)
+
+    monkeypatch.setattr(pipeline, "load_series", failing_load_series)
+    report = run_ingest(source, tmp_path / "out")
+    (rejected,) = only(report, "rejected")
+    assert rejected["series_uid"] == victim.series_uid
+    assert rejected["reason"].startswith(
+        f"conversion failed (RuntimeError: decoder crashed on {victim.case_id}/"
+    )
+    assert rejected["source"] == victim.case_id
+    assert len(only(report, "accepted")) == len(report.records) - 1
+    assert_no_absolute_paths(tmp_path / "out", source)
 
 
 def test_cli_reports_and_exits_by_outcome(hospitals, tmp_path):
