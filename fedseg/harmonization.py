@@ -8,6 +8,11 @@ Methods, chosen from the modality as nnU-Net does:
 * ``nyul`` (MR default): each image's foreground percentiles are rescaled to a standard range;
   the standard scale is their mean over all images. A site declares the sum of its images'
   rescaled landmarks and its image count, so the federated fit equals the centralized one.
+  By default the landmarks are the 10th, 25th, 50th, 75th and 90th percentiles and the map
+  continues beyond them with the interquartile slope, so that the volume of pathology in a
+  histogram's tails moves the map less; the classic deciles with 1st and 99th percentile ends
+  and end-segment tails remain available (``percentiles=transforms.intensity.DECILE_PERCENTILES,
+  tail_percentiles=None``).
 * ``zscore`` (MR): each image is normalized by its own foreground mean and deviation; there
   is nothing to fit, but sites still declare their image counts.
 * ``ct``: a Hounsfield window, then a z-score with the mean and deviation of all sites'
@@ -25,16 +30,20 @@ from monai.transforms import Compose, Transform
 
 from fedseg.artifacts import read_artifact
 from transforms.intensity import (
-    STANDARD_PERCENTILES,
+    NYUL_PERCENTILES,
+    NYUL_TAIL_PERCENTILES,
     STANDARD_RANGE,
     HUWindow,
     NyulStandardize,
     ZScore,
+    tail_indices,
 )
 from transforms.masks import MASK_METHODS
 
 ARTIFACT_KIND = "fedseg.harmonization"
-ARTIFACT_VERSION = 1
+#: 2: landmarks, tail slopes and the head mask of the robust Nyúl (version 1 artifacts were
+#: fitted with other masks and landmarks and are refused: fit again).
+ARTIFACT_VERSION = 2
 METHODS = ("nyul", "zscore", "ct")
 DEFAULT_MIN_IMAGES = 5
 
@@ -60,6 +69,8 @@ class HarmonizationConfig:
         method: ``nyul``, ``zscore`` or ``ct``.
         mask_method: Label-free foreground mask (see :mod:`transforms.masks`).
         percentiles: Nyúl landmark percentiles.
+        tail_percentiles: Two of ``percentiles`` whose landmarks' slope continues the Nyúl map
+            beyond the end landmarks, or ``None`` for the end segments' slopes.
         standard_range: Where Nyúl maps each image's end landmarks.
         hu_window: CT window (centre, width) in HU.
         min_images: Fewest images a site must hold before it sends statistics.
@@ -67,7 +78,8 @@ class HarmonizationConfig:
 
     method: str = "nyul"
     mask_method: str = "brain"
-    percentiles: tuple[float, ...] = STANDARD_PERCENTILES
+    percentiles: tuple[float, ...] = NYUL_PERCENTILES
+    tail_percentiles: tuple[float, float] | None = NYUL_TAIL_PERCENTILES
     standard_range: tuple[float, float] = STANDARD_RANGE
     hu_window: tuple[float, float] = (40.0, 400.0)
     min_images: int = DEFAULT_MIN_IMAGES
@@ -80,6 +92,10 @@ class HarmonizationConfig:
             raise HarmonizationError(f"mask must be one of {MASK_METHODS}")
         if self.min_images < 1:
             raise HarmonizationError(f"min_images must be at least 1, got {self.min_images}")
+        try:
+            tail_indices(self.percentiles, self.tail_percentiles)
+        except ValueError as error:
+            raise HarmonizationError(str(error)) from error
 
     def to_dict(self) -> dict:
         """Plain-JSON form (sent to sites as task data)."""
@@ -189,7 +205,12 @@ def artifact_transform(artifact: dict) -> Transform:
     """
     config = HarmonizationConfig.from_dict(artifact["config"])
     if config.method == "nyul":
-        return NyulStandardize(artifact["standard_scale"], config.percentiles, config.mask_method)
+        return NyulStandardize(
+            artifact["standard_scale"],
+            config.percentiles,
+            config.mask_method,
+            config.tail_percentiles,
+        )
     if config.method == "zscore":
         return ZScore(mask_method=config.mask_method)
     center, width = config.hu_window

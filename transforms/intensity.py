@@ -17,8 +17,19 @@ from monai.utils import convert_data_type, convert_to_dst_type
 from transforms.base import ArrayTwin
 from transforms.masks import foreground_mask
 
-#: Percentiles of the standard Nyúl landmarks: robust ends (1st, 99th) and the deciles.
-STANDARD_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
+#: Percentiles of the default Nyúl landmarks: the 10th and 90th as ends, the quartiles and the
+#: median between. Pathology (edema, enhancing tumour) fills up to about a tenth of either tail
+#: of a brain's histogram, so landmarks further out move with its volume rather than with the
+#: scanner.
+NYUL_PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
+
+#: Percentiles whose landmarks give the default slope beyond the end landmarks: the
+#: interquartile range, the scale least moved by pathology (as in a median/IQR z-score).
+NYUL_TAIL_PERCENTILES = (25.0, 75.0)
+
+#: Percentiles of the classic Nyúl landmarks: ends at the 1st and 99th, the deciles between
+#: (used with end-segment tails, ``tail_percentiles=None``).
+DECILE_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
 
 #: Range the end landmarks are mapped to before averaging (Nyúl's s1, s2).
 STANDARD_RANGE = (0.0, 100.0)
@@ -34,7 +45,7 @@ def _like(values: np.ndarray, image: NdarrayOrTensor) -> NdarrayOrTensor:
 
 def image_landmarks(
     image: NdarrayOrTensor,
-    percentiles: Sequence[float] = STANDARD_PERCENTILES,
+    percentiles: Sequence[float] = NYUL_PERCENTILES,
     mask_method: str = "head",
 ) -> np.ndarray:
     """Intensity landmarks of one image: percentiles of its foreground.
@@ -74,16 +85,52 @@ def rescale_landmarks(
     return low + (landmarks - landmarks[0]) / span * (high - low)
 
 
-def piecewise_linear(values: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+def tail_indices(
+    percentiles: Sequence[float], tail_percentiles: Sequence[float] | None
+) -> tuple[int, int] | None:
+    """Positions of the tail percentiles among the landmark percentiles.
+
+    Args:
+        percentiles: Landmark percentiles.
+        tail_percentiles: Two increasing landmark percentiles whose slope continues the map
+            beyond the end landmarks, or ``None`` for the end segments' own slopes.
+
+    Returns:
+        Their two indices into ``percentiles``, or ``None``.
+
+    Raises:
+        ValueError: If the tail percentiles are not two increasing landmark percentiles.
+    """
+    if tail_percentiles is None:
+        return None
+    chosen = [float(p) for p in tail_percentiles]
+    available = [float(p) for p in percentiles]
+    if len(chosen) != 2 or chosen[0] >= chosen[1] or not set(chosen) <= set(available):
+        raise ValueError(
+            f"tail percentiles must be two increasing landmark percentiles, got {chosen}"
+        )
+    return available.index(chosen[0]), available.index(chosen[1])
+
+
+def piecewise_linear(
+    values: np.ndarray,
+    source: np.ndarray,
+    target: np.ndarray,
+    tail: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Maps values through the piecewise-linear function ``source -> target``.
 
-    Beyond the first and last landmarks the end segments are extended (robust tails rather
-    than clipping), so intensities outside the landmark range keep their order.
+    Beyond the first and last landmarks the map continues linearly (robust tails rather than
+    clipping), so intensities outside the landmark range keep their order: with the slope
+    between the landmarks ``tail`` when given, else with each end segment's own slope. An end
+    segment spans little more than noise when the tissue beyond it is rare, and extending it
+    stretches that tissue by an image's noise rather than its contrast.
 
     Args:
         values: Intensities to map.
         source: Increasing landmarks of the image.
         target: Landmarks of the standard scale.
+        tail: Indices of the two landmarks whose slope the tails take, or ``None``.
 
     Returns:
         Mapped intensities, float32.
@@ -91,12 +138,17 @@ def piecewise_linear(values: np.ndarray, source: np.ndarray, target: np.ndarray)
     source = _strictly_increasing(np.asarray(source, dtype=np.float64))
     target = np.asarray(target, dtype=np.float64)
     mapped = np.interp(values, source, target)
-    low_slope = (target[1] - target[0]) / (source[1] - source[0])
-    high_slope = (target[-1] - target[-2]) / (source[-1] - source[-2])
+    low, high = (tail, tail) if tail is not None else ((0, 1), (-2, -1))
+    low_slope = _slope(source, target, *low)
+    high_slope = _slope(source, target, *high)
     below, above = values < source[0], values > source[-1]
     mapped[below] = target[0] + (values[below] - source[0]) * low_slope
     mapped[above] = target[-1] + (values[above] - source[-1]) * high_slope
     return mapped.astype(np.float32)
+
+
+def _slope(source: np.ndarray, target: np.ndarray, first: int, second: int) -> float:
+    return float((target[second] - target[first]) / (source[second] - source[first]))
 
 
 def _strictly_increasing(landmarks: np.ndarray) -> np.ndarray:
@@ -197,13 +249,16 @@ class NyulStandardize(Transform):
         standard_scale: Standard landmarks (from a fitted harmonization artifact).
         percentiles: Percentiles the landmarks stand for.
         mask_method: Foreground the image's landmarks are taken over.
+        tail_percentiles: Two landmark percentiles whose slope continues the map beyond the
+            end landmarks, or ``None`` for the end segments' slopes (classic Nyúl).
     """
 
     def __init__(
         self,
         standard_scale: Sequence[float],
-        percentiles: Sequence[float] = STANDARD_PERCENTILES,
+        percentiles: Sequence[float] = NYUL_PERCENTILES,
         mask_method: str = "head",
+        tail_percentiles: Sequence[float] | None = NYUL_TAIL_PERCENTILES,
     ):
         if len(standard_scale) != len(percentiles) or len(percentiles) < 2:
             raise ValueError("need one standard landmark per percentile, at least two")
@@ -212,12 +267,15 @@ class NyulStandardize(Transform):
         self.standard_scale = np.asarray(standard_scale, dtype=np.float64)
         self.percentiles = tuple(float(p) for p in percentiles)
         self.mask_method = mask_method
+        self.tail = tail_indices(self.percentiles, tail_percentiles)
 
     def __call__(self, image: NdarrayOrTensor) -> NdarrayOrTensor:
         """Standardizes ``(C, *spatial)`` ``image``."""
         array = _as_numpy(image)
         landmarks = image_landmarks(image, self.percentiles, self.mask_method)
-        mapped = piecewise_linear(array.astype(np.float64), landmarks, self.standard_scale)
+        mapped = piecewise_linear(
+            array.astype(np.float64), landmarks, self.standard_scale, self.tail
+        )
         return _like(mapped, image)
 
 

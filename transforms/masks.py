@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-#: Mask methods: ``otsu`` thresholds at Otsu's level; ``head`` keeps the largest connected
-#: component of that and fills its holes; ``brain`` keeps the part of the head deeper than
-#: ``BRAIN_DEPTH_MM`` from its surface, dropping scalp and skull; ``nonzero`` keeps voxels
-#: different from zero.
+#: Mask methods: ``otsu`` thresholds at Otsu's level; ``head`` fills the holes of that slice by
+#: slice (along the last axis), keeps the largest connected component and fills its holes;
+#: ``brain`` keeps the part of the head deeper than ``BRAIN_DEPTH_MM`` from its surface,
+#: dropping scalp and skull; ``nonzero`` keeps voxels different from zero.
 MASK_METHODS = ("otsu", "head", "brain", "nonzero")
 
 #: Depth below the head surface where the ``brain`` mask starts: scalp, skull and the CSF
-#: around the brain are about this thick in adults (measured best for harmonization).
+#: around the brain are about this thick in adults.
 BRAIN_DEPTH_MM = 20.0
 
 
@@ -74,7 +74,7 @@ def foreground_mask(
     else:
         mask = channel > otsu_threshold(channel)
         if method in ("head", "brain"):
-            mask = _largest_component(mask)
+            mask = _largest_component(_fill_holes_by_slice(mask))
             mask = ndimage.binary_fill_holes(mask)
         if method == "brain":
             depth = ndimage.distance_transform_edt(mask, sampling=spacing or 1.0)
@@ -83,6 +83,22 @@ def foreground_mask(
     if not mask.any():
         return np.ones(channel.shape, dtype=bool)
     return mask
+
+
+def _fill_holes_by_slice(mask: np.ndarray) -> np.ndarray:
+    """Fills the holes of each slice along the last axis.
+
+    The bright scalp is a closed ring in every slice across the head, so filling it joins the
+    brain to the scalp even where dark skull and CSF lie below the threshold between them. A
+    3-D fill would not: the scalp is an open shell wherever the field of view cuts the head.
+    Without this, the largest component is the brain alone on scanners whose skull and CSF
+    are dark enough, the head on the others, and a depth measured from its surface means
+    different anatomy at different sites.
+    """
+    filled = np.empty_like(mask)
+    for index in range(mask.shape[-1]):
+        filled[..., index] = ndimage.binary_fill_holes(mask[..., index])
+    return filled
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from app_site.ingest.pipeline import IngestOptions, ingest
 from app_site.site_config import site_dataset
 from fedseg.artifacts import ArtifactError, write_artifact
 from fedseg.harmonization import (
+    ARTIFACT_VERSION,
     HarmonizationConfig,
     HarmonizationError,
     SiteStatistics,
@@ -25,7 +26,13 @@ from fedseg.harmonization import (
     combine_statistics,
     read_harmonization_artifact,
 )
-from transforms.intensity import HUWindow, image_landmarks, rescale_landmarks
+from transforms.intensity import (
+    DECILE_PERCENTILES,
+    HUWindow,
+    NyulStandardize,
+    image_landmarks,
+    rescale_landmarks,
+)
 from transforms.masks import foreground_mask
 
 FEDSEG = str(Path(sys.executable).with_name("fedseg"))
@@ -81,7 +88,7 @@ def test_ct_statistics_give_the_pooled_windowed_mean_and_deviation(tmp_path):
 
 def test_artifacts_are_verified(tmp_path):
     payload = combine_statistics(
-        CONFIG, {"a": SiteStatistics("nyul", 2, landmark_sum=list(range(11)))}, "MR"
+        CONFIG, {"a": SiteStatistics("nyul", 2, landmark_sum=list(range(5)))}, "MR"
     )
     path = tmp_path / "h.json"
     digest = write_artifact(payload, path)
@@ -106,6 +113,56 @@ def test_configuration_is_checked():
     with pytest.raises(HarmonizationError, match="unknown harmonization settings"):
         HarmonizationConfig.from_dict({"method": "nyul", "bins": 3})
     assert HarmonizationConfig.from_dict(CONFIG.to_dict()) == CONFIG
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"tail_percentiles": (20.0, 80.0)}, "two increasing landmark percentiles"),
+        ({"tail_percentiles": (75.0, 25.0)}, "two increasing landmark percentiles"),
+        ({"tail_percentiles": (25.0,)}, "two increasing landmark percentiles"),
+        ({"percentiles": (1.0, 50.0, 99.0)}, "two increasing landmark percentiles"),
+    ],
+)
+def test_tail_percentiles_must_be_landmarks(settings, message):
+    with pytest.raises(HarmonizationError, match=message):
+        HarmonizationConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "tail"),
+    [
+        pytest.param({}, (1, 3), id="default-interquartile"),
+        pytest.param(
+            {"percentiles": DECILE_PERCENTILES, "tail_percentiles": None}, None, id="classic"
+        ),
+        pytest.param(
+            {"percentiles": (1.0, 25.0, 50.0, 75.0, 99.0), "tail_percentiles": (1.0, 99.0)},
+            (0, 4),
+            id="custom",
+        ),
+    ],
+)
+def test_nyul_configuration_travels_through_the_artifact(settings, tail):
+    config = HarmonizationConfig(min_images=1, **settings)
+    assert HarmonizationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    landmarks = list(np.linspace(0.0, 100.0, len(config.percentiles)))
+    artifact = combine_statistics(
+        config, {"a": SiteStatistics("nyul", 1, landmark_sum=landmarks)}, "MR"
+    )
+    transform = artifact_transform(artifact)
+    assert isinstance(transform, NyulStandardize)
+    assert transform.percentiles == config.percentiles and transform.tail == tail
+
+
+def test_an_artifact_of_the_previous_format_is_refused(tmp_path):
+    payload = combine_statistics(
+        CONFIG, {"a": SiteStatistics("nyul", 2, landmark_sum=list(range(5)))}, "MR"
+    )
+    path = tmp_path / "old.json"
+    write_artifact({**payload, "format_version": ARTIFACT_VERSION - 1}, path)
+    with pytest.raises(ArtifactError, match="format version 1, this fedseg reads 2; fit it again"):
+        read_harmonization_artifact(path)
 
 
 def test_site_data_location_comes_from_the_site(datasets, tmp_path, monkeypatch):
@@ -149,7 +206,7 @@ def test_cli_fit_apply_check(datasets, tmp_path):
     check = run("harmonize", "check", "--artifact", str(artifact), "--dataset", sites[1])
     assert check.returncode == 0 and "deviation" in check.stdout
 
-    document["standard_scale"][5] = 0.0
+    document["standard_scale"][2] = 0.0
     artifact.write_text(json.dumps(document))
     broken = run("harmonize", "check", "--artifact", str(artifact), "--dataset", sites[1])
     assert broken.returncode == 2 and "it was altered" in broken.stderr
