@@ -1,10 +1,12 @@
 """Readable reports from the sites' metrics: one page per site and one for the federation.
 
-Input: the per-site metrics documents the sites record (rounds, per-case Dice and HD95,
-training loss, data and device summary, harmonization hash). Output: ``<site>.json`` +
-``<site>.html`` and ``federation.json`` + ``federation.html``. Metrics only: no image, no
-patient identifier (case ids are the hashes ``fedseg ingest`` made). Plots are inline SVG, so
-a page is one self-contained file.
+Input: what the server gathered from the sites' declared reports
+(:mod:`app_server.site_reports`: per round, the validation of the global model each site
+received, per-case Dice and HD95, training loss; the validation of the final global model; data
+and device summary, harmonization hash; which sites contributed to each round). Output:
+``<site>.json`` + ``<site>.html`` and ``federation.json`` + ``federation.html``. Metrics only:
+no image, no patient identifier (case ids are the hashes ``fedseg ingest`` made). Plots are
+inline SVG, so a page is one self-contained file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ import numpy as np
 
 REGIONS = ("TC", "WT", "ET")
 REGION_NAMES = {"TC": "tumour core", "WT": "whole tumour", "ET": "enhancing tumour"}
+MODE_NAMES = {
+    "plaintext": "plaintext FedAvg",
+    "he-packed": "FedAvg on encrypted updates (packed CKKS; the server never decrypts)",
+    "he-stock": "FedAvg on encrypted updates (NVFlare's stock CKKS filters)",
+}
 COLOURS = {"TC": "#c0392b", "WT": "#2471a3", "ET": "#b7950b"}
 
 
@@ -49,24 +56,35 @@ def bootstrap_interval(
 
 
 def site_summary(document: dict) -> dict:
-    """Adds the report's summary to a site's metrics document (last round, with intervals)."""
+    """Adds the report's summary to a site's document, with bootstrap intervals.
+
+    The summary is the validation of the final global model when the site made one, else its
+    last round's validation (of the global model it received then).
+    """
     last = document["rounds"][-1] if document["rounds"] else None
     summary = {"rounds": len(document["rounds"])}
-    if last is not None:
-        cases = last["cases"]
-        summary["last_round"] = last["round"]
-        summary["metrics"] = last["metrics"]
+    evaluated = document.get("final") or last
+    if evaluated is not None:
+        cases = evaluated["cases"]
+        summary["model"] = (
+            "final global model"
+            if document.get("final")
+            else (f"global model of round {last['round']}")
+        )
+        summary["metrics"] = evaluated["metrics"]
+        summary["cases"] = cases
         summary["intervals"] = {
             f"dice_{r}": bootstrap_interval([c["dice"][r] for c in cases]) for r in REGIONS
         }
     return {**document, "summary": summary}
 
 
-def federation_summary(sites: dict[str, dict]) -> dict:
-    """All sites side by side: last-round metrics and the per-round curves."""
+def federation_summary(sites: dict[str, dict], round_contributors: dict | None = None) -> dict:
+    """All sites side by side: final metrics, per-round curves, who contributed to each round."""
     return {
         "sites": sorted(sites),
-        "last_round": {name: doc["summary"].get("metrics") for name, doc in sorted(sites.items())},
+        "final": {name: doc["summary"].get("metrics") for name, doc in sorted(sites.items())},
+        "round_contributors": round_contributors or {},
         "curves": {
             name: [
                 {"round": r["round"], **{f"dice_{g}": r["metrics"][f"dice_{g}"] for g in REGIONS}}
@@ -81,33 +99,38 @@ def federation_summary(sites: dict[str, dict]) -> dict:
     }
 
 
-def write_reports(report_dir: Path, cross_site: dict | None = None) -> list[Path]:
-    """Writes the HTML pages and the federation files next to the sites' JSON documents.
+def write_reports(report_dir: Path, collected: dict, cross_site: dict | None = None) -> list[Path]:
+    """Writes every site's JSON and HTML report and the federation's.
 
     Args:
-        report_dir: Folder holding ``site-*.json`` (rewritten with their summary).
+        report_dir: Where to write (created).
+        collected: What the server gathered (``fedseg_site_reports.json``: ``mode``, ``sites``,
+            ``round_contributors``).
         cross_site: Cross-site evaluation matrix (validating site -> model owner -> metrics).
 
     Returns:
         The files written.
 
     Raises:
-        FileNotFoundError: If the folder holds no site document.
+        ValueError: If no site reported.
     """
+    if not collected.get("sites"):
+        raise ValueError("no site metrics to report")
     report_dir = Path(report_dir)
-    paths = sorted(p for p in report_dir.glob("*.json") if p.stem != "federation")
-    if not paths:
-        raise FileNotFoundError(f"{report_dir}: no site metrics to report")
+    report_dir.mkdir(parents=True, exist_ok=True)
+    mode = collected.get("mode", "plaintext")
     sites = {}
     written = []
-    for path in paths:
-        document = site_summary(json.loads(path.read_text()))
-        sites[document["site"]] = document
+    for name, document in sorted(collected["sites"].items()):
+        document = site_summary({**document, "mode": mode})
+        sites[name] = document
+        path = report_dir / f"{name}.json"
         path.write_text(json.dumps(document, indent=2) + "\n")
-        page = report_dir / f"{document['site']}.html"
+        page = report_dir / f"{name}.html"
         page.write_text(render_site(document))
         written += [path, page]
-    federation = federation_summary(sites)
+    federation = federation_summary(sites, collected.get("round_contributors"))
+    federation["mode"] = mode
     federation["cross_site"] = cross_site or {}
     (report_dir / "federation.json").write_text(json.dumps(federation, indent=2) + "\n")
     (report_dir / "federation.html").write_text(render_federation(federation))
@@ -131,7 +154,7 @@ def render_site(document: dict) -> str:
                 f"<td class=num>{_number(hd95, 1)}</td></tr>"
             )
     case_rows = ""
-    for case in rounds[-1]["cases"] if rounds else []:
+    for case in summary.get("cases", []):
         cells = "".join(f"<td class=num>{case['dice'][r]:.3f}</td>" for r in REGIONS)
         cells += "".join(f"<td class=num>{_number(case['hd95'][r], 1)}</td>" for r in REGIONS)
         case_rows += f"<tr><td>{html.escape(case['case_id'])}</td>{cells}</tr>"
@@ -145,15 +168,16 @@ def render_site(document: dict) -> str:
     qc = data.get("qc_counts", {})
     body = f"""
 <h1>Site report: {html.escape(document["site"])}</h1>
-<p>Validation of the global model on this site's own validation split, every round.
+<p>Validation of the global model on this site's own validation split: the model each round
+started from, and the final global model. Training: {html.escape(_mode(document))}.
 Device: <b>{html.escape(document["device"])}</b>. Harmonization artifact:
 <b>{html.escape((document.get("harmonization_hash") or "none")[:12])}</b>.</p>
-<h2>Dice per round</h2>
+<h2>Dice per round (global model received at the start of the round)</h2>
 {line_chart(curves, "Dice", (0.0, 1.0))}
-<h2>Last round ({summary.get("last_round", "-")})</h2>
+<h2>{html.escape(summary.get("model", "no validation").capitalize())}</h2>
 <table><tr><th>region</th><th>Dice</th><th>95% CI (bootstrap over cases)</th>
 <th>HD95 (mm)</th></tr>{rows}</table>
-<h2>Cases (last round)</h2>
+<h2>Cases ({html.escape(summary.get("model", "-"))})</h2>
 <table><tr><th>case</th>{"".join(f"<th>Dice {r}</th>" for r in REGIONS)}
 {"".join(f"<th>HD95 {r}</th>" for r in REGIONS)}</tr>{case_rows}</table>
 <h2>Data</h2>
@@ -171,7 +195,7 @@ Device: <b>{html.escape(document["device"])}</b>. Harmonization artifact:
 def render_federation(federation: dict) -> str:
     """The federation's page: every site side by side, and the Dice curves of each site."""
     rows = ""
-    for site, metrics in federation["last_round"].items():
+    for site, metrics in federation["final"].items():
         cells = "".join(
             f"<td class=num>{_number((metrics or {}).get(f'dice_{r}'))}</td>" for r in REGIONS
         )
@@ -188,14 +212,34 @@ def render_federation(federation: dict) -> str:
     )
     body = f"""
 <h1>Federation report</h1>
-<p>{len(federation["sites"])} sites. Each site validated the global model on its own data;
-only these metrics left the sites.</p>
-<h2>Last round, all sites</h2>
+<p>{len(federation["sites"])} sites; {html.escape(_mode(federation))}. Each site validated
+the global model on its own data; only these metrics left the sites.</p>
+<h2>Final global model, all sites</h2>
 <table><tr><th>site</th>{"".join(f"<th>Dice {r}</th>" for r in REGIONS)}<th>device</th></tr>
 {rows}</table>
+{_contributors_table(federation["round_contributors"], federation["sites"])}
 {_cross_site_table(federation["cross_site"])}
 <h2>Dice per round</h2>{charts}"""
     return _page("fedseg federation report", body)
+
+
+def _mode(document: dict) -> str:
+    mode = document.get("mode", "plaintext")
+    return MODE_NAMES.get(mode, mode)
+
+
+def _contributors_table(contributors: dict, sites: list[str]) -> str:
+    """Which sites' updates went into each round's aggregate."""
+    if not contributors:
+        return ""
+    header = "".join(f"<th>{html.escape(s)}</th>" for s in sites)
+    rows = "".join(
+        f"<tr><td>{html.escape(str(r))}</td>"
+        + "".join(f"<td>{'yes' if s in names else 'no'}</td>" for s in sites)
+        + "</tr>"
+        for r, names in sorted(contributors.items(), key=lambda item: int(item[0]))
+    )
+    return f"<h2>Contributions per round</h2><table><tr><th>round</th>{header}</tr>{rows}</table>"
 
 
 def _cross_site_table(matrix: dict) -> str:

@@ -1,10 +1,13 @@
 """NVFlare Client API loop of the segmentation job: a thin shell over the site engine.
 
 Each round the site validates the global model it received on its own validation split,
-trains locally, and sends its update (as a difference to the global model: the job's transfer
-type) with the number of steps. ``evaluate`` and
-``submit_model`` tasks are served too. Metrics (never images) are sent with each result and
-recorded in ``fedseg_metrics_<site>.json`` in the site's working folder.
+trains locally, and sends its model with the number of steps (the job decides how it travels:
+as a difference to the global model, or encrypted by the job's HE filters). ``evaluate`` tasks
+(the final global model's validation, cross-site evaluation) and ``submit_model`` tasks are
+served too. Each result declares a small report (metrics per region and per hashed case id,
+training loss, steps and time, device and data counts; never images or weights) that the
+server gathers for the reports; the site keeps its own copy in ``fedseg_metrics_<site>.json``
+in its working folder.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from app_site.engine import CaseMetrics, SegmentationEngine
 from app_site.site_config import site_dataset
 from fedseg.config import load_config
 from fedseg.harmonization import artifact_transform, read_harmonization_artifact
+from fedseg.messages import FINAL_VALIDATION, PURPOSE_META_KEY, REPORT_META_KEY
 
 RUN_CONFIG_FILE = "fedseg_run.yaml"
 ARTIFACT_FILE = "fedseg_harmonization.json"
@@ -81,7 +85,10 @@ def run(script_folder: Path) -> None:
         harmonization = artifact_transform(artifact)
     dataset = site_dataset(site)
     engine = SegmentationEngine(config, dataset, harmonization)
-    metrics_path = Path(os.getcwd()) / METRICS_FILE.format(site=site)
+    run_folder = Path.cwd() / flare.get_job_id()  # in a deployment, the job's folder in the kit
+    metrics_path = (run_folder if run_folder.is_dir() else Path.cwd()) / METRICS_FILE.format(
+        site=site
+    )
     record = _SiteRecord(metrics_path, site, engine, dataset, manifest)
 
     while flare.is_running():
@@ -96,22 +103,30 @@ def run(script_folder: Path) -> None:
             cases = engine.validate()
             trained = engine.train(config.training.local_steps)
             metrics = summarize(cases)
-            record.round(task.current_round, metrics, cases, trained)
-            # Full weights here; the job's DIFF transfer type makes NVFlare send only the
-            # difference to the global model it delivered.
+            report = record.round(task.current_round, metrics, cases, trained)
+            # Full weights here; the job's transfer type or HE filters decide what travels.
             flare.send(
                 FLModel(
                     params=_tensors(engine.weights()),
                     params_type=ParamsType.FULL,
                     metrics=metrics,
-                    meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: trained.steps},
+                    current_round=task.current_round,
+                    meta={
+                        FLMetaKey.NUM_STEPS_CURRENT_ROUND: trained.steps,
+                        REPORT_META_KEY: report,
+                    },
                 )
             )
         elif flare.is_evaluate():
             cases = engine.validate()
             metrics = summarize(cases)
-            record.evaluation(metrics, cases)
-            flare.send(FLModel(metrics=metrics))
+            if (task.meta or {}).get(PURPOSE_META_KEY) == FINAL_VALIDATION:
+                report = record.final(metrics, cases)
+                meta = {PURPOSE_META_KEY: FINAL_VALIDATION, REPORT_META_KEY: report}
+                flare.send(FLModel(metrics=metrics, meta=meta))
+            else:
+                record.evaluation(metrics, cases)
+                flare.send(FLModel(metrics=metrics))
 
 
 def _tensors(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -120,7 +135,7 @@ def _tensors(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 class _SiteRecord:
-    """The site's own metrics file: rounds, final evaluation, data and device summary."""
+    """The site's own metrics file, and the reports it declares to the server."""
 
     def __init__(self, path: Path, site: str, engine: SegmentationEngine, dataset: Path, manifest):
         qc_path = dataset / "qc.json"
@@ -136,21 +151,35 @@ class _SiteRecord:
             },
             "harmonization_hash": manifest.get("harmonization_hash"),
             "rounds": [],
+            "final": None,
             "evaluations": [],
         }
 
-    def round(self, number, metrics, cases, trained) -> None:
+    def round(self, number, metrics, cases, trained) -> dict:
+        """Records a round; returns the report declared with the update."""
+        validation = {"metrics": metrics, "cases": [asdict(c) for c in cases]}
+        training = {"loss": trained.mean_loss, "steps": trained.steps, "seconds": trained.seconds}
         self.document["rounds"].append(
             {
                 "round": number,
-                "metrics": metrics,
-                "cases": [asdict(c) for c in cases],
+                **validation,
                 "train_loss": trained.mean_loss,
                 "train_steps": trained.steps,
                 "train_seconds": trained.seconds,
             }
         )
         self._write()
+        return {**self._site_fields(), "validation": validation, "training": training}
+
+    def final(self, metrics, cases) -> dict:
+        """Records the final global model's validation; returns the declared report."""
+        validation = {"metrics": metrics, "cases": [asdict(c) for c in cases]}
+        self.document["final"] = validation
+        self._write()
+        return {**self._site_fields(), "validation": validation}
+
+    def _site_fields(self) -> dict:
+        return {key: self.document[key] for key in ("device", "data", "harmonization_hash")}
 
     def evaluation(self, metrics, cases) -> None:
         # Which model was evaluated is known to the server (its cross-site matrix), not here.

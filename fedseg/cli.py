@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from app_server import federation as poc
+from app_server.federation import Federation, FederationError
 from app_site.harmonization import (
     apply_to_dataset,
     check_dataset,
@@ -40,13 +42,16 @@ from fedseg.harmonization import (
 )
 from fedseg.synth.check import CaseCheck, SynthCheckError, check_hospitals
 from fedseg.synth.hospitals import CaseSummary, SiteSummary, SynthConfig, synthesize_hospitals
-from jobs.runner import export_job, run_job
+from jobs.runner import export_job, run_in_federation, run_job
+from jobs.segmentation import ENCRYPTION_MODES
 from transforms.masks import MASK_METHODS
 
 # Wide enough for the summary tables when output goes to a file or a CI log, where rich
 # would otherwise assume 80 columns and truncate cells.
 _LOG_WIDTH = 160
 console = Console(width=None if sys.stdout.isatty() else _LOG_WIDTH)
+#: Where ``fedseg poc`` keeps its federation unless told otherwise.
+DEFAULT_FEDERATION = poc.PROJECT_TEMPLATE.parent / "federation"
 error_console = Console(stderr=True, width=None if sys.stderr.isatty() else _LOG_WIDTH)
 
 
@@ -70,10 +75,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         LabelError,
         HarmonizationError,
         ArtifactError,
+        FederationError,
     ) as error:
-        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
-        error_console.print(f"[bold red]fedseg {command}: error:[/] {error}", highlight=False)
+        _print_error(args, error)
         return 2
+    except RuntimeError as error:  # a job that failed: its message says where the logs are
+        _print_error(args, error)
+        return 1
+
+
+def _print_error(args: argparse.Namespace, error: Exception) -> None:
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    error_console.print(f"[bold red]fedseg {command}: error:[/] {error}", highlight=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,14 +220,67 @@ def build_parser() -> argparse.ArgumentParser:
     job_export.add_argument("--config", required=True, help="run configuration YAML or profile")
     job_export.add_argument("--out", type=Path, required=True, help="job folder to write")
     job_export.add_argument("--harmonization", type=Path, help="fitted harmonization artifact")
+    _add_encryption_argument(job_export, default="packed")
     job_export.set_defaults(handler=export_job_command)
+    job_submit = job_actions.add_parser(
+        "submit",
+        help="submit the job to a running federation, wait, download, write the reports",
+        description="Export the segmentation job, submit it through the admin API "
+        "(submit_job), wait for it with progress output, download its result (download_job) "
+        "and write the reports. Harmonization is fitted first, as its own job in the same "
+        "federation, when the configuration asks for it and no artifact is given.",
+    )
+    job_submit.add_argument("--config", required=True, help="run configuration YAML or profile")
+    _add_workspace_argument(job_submit)
+    job_submit.add_argument("--workdir", type=Path, required=True, help="where results go")
+    job_submit.add_argument("--harmonization", type=Path, help="fitted harmonization artifact")
+    _add_encryption_argument(job_submit, default=None)
+    job_submit.set_defaults(handler=submit_job_command)
+
+    federation = commands.add_parser(
+        "poc", help="a local federation: provision, start, stop, status"
+    )
+    poc_actions = federation.add_subparsers(dest="action", required=True, metavar="ACTION")
+    prepare = poc_actions.add_parser(
+        "prepare",
+        help="provision server, sites and admin (HE contexts included)",
+        description="Provision poc_workspace/project.yml for N sites into the workspace: "
+        "signed startup kits, TenSEAL contexts for the chosen encryption, free ports. Never "
+        "touches ~/.nvflare.",
+    )
+    _add_workspace_argument(prepare)
+    prepare.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
+    _add_encryption_argument(prepare, default="packed")
+    prepare.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="SITE=PATH",
+        help="dataset of a site, written to its kit's local/fedseg_site.json (repeat)",
+    )
+    prepare.set_defaults(handler=poc_prepare_command)
+    for name, handler, text in (
+        ("start", poc_start_command, "start the server and the sites (or --participant)"),
+        ("stop", poc_stop_command, "stop them: shutdown, then by their process ids"),
+        ("status", poc_status_command, "which participants run and which sites are connected"),
+    ):
+        action = poc_actions.add_parser(name, help=text)
+        _add_workspace_argument(action)
+        if name != "status":
+            action.add_argument(
+                "--participant", action="append", help="server or a site name (repeat)"
+            )
+        action.set_defaults(handler=handler)
 
     demo = commands.add_parser(
         "demo",
         help="run the end-to-end demo on built-in simulated hospitals",
-        description="Simulate three hospitals, verify them, ingest each into a dataset, fit "
-        "harmonization federatedly and train with FedAvg in NVFlare's simulator.",
+        description="Simulate three hospitals, verify them, ingest each into a dataset, "
+        "provision and start a local federation with HE contexts, fit harmonization and train "
+        "with FedAvg on encrypted updates through the admin API, download the results and "
+        "write the reports.",
     )
+    demo.add_argument("--config", default="tiny", help="run configuration (default: tiny)")
     demo.add_argument(
         "--workdir", type=Path, default=Path("demo_workdir"), help="where everything is written"
     )
@@ -367,12 +433,54 @@ def run_job_command(args: argparse.Namespace) -> int:
         f"site(s) with {config.model.name}; logs under {args.workdir / 'simulation'}"
     )
     report = run_job(config, args.site, args.workdir, args.harmonization)
-    table = Table(title="Validation of the global model at each site (last round)")
+    print_final_metrics(report)
+    return 0
+
+
+def export_job_command(args: argparse.Namespace) -> int:
+    """Handles ``fedseg job export``."""
+    folder = export_job(load_config(args.config), args.out, args.harmonization, args.encryption)
+    console.print(
+        f"Job folder written to {folder}; submit it with `submit_job {folder}` in the admin "
+        f"console, or `fedseg job submit`"
+    )
+    return 0
+
+
+def submit_job_command(args: argparse.Namespace) -> int:
+    """Handles ``fedseg job submit``."""
+    federation = Federation(args.workspace.resolve())
+    report = submit_with_progress(
+        federation, load_config(args.config), args.workdir, args.harmonization, args.encryption
+    )
+    print_final_metrics(report)
+    return 0
+
+
+def submit_with_progress(
+    federation: Federation, config, workdir: Path, artifact: Path | None, encryption: str | None
+) -> Path:
+    """Runs :func:`run_in_federation`, printing each job's state as it changes."""
+    seen: dict[str, str] = {}
+
+    def on_poll(name: str, meta: dict) -> None:
+        state = meta.get("status", "?")
+        if seen.get(name) != state:
+            seen[name] = state
+            console.print(f"  job {name} ({meta.get('job_id', '?')[:8]}): {state}")
+
+    with console.status("waiting for the federation", spinner="dots"):
+        return run_in_federation(federation, config, workdir, artifact, encryption, on_poll)
+
+
+def print_final_metrics(report: Path) -> None:
+    """The final global model's metrics at each site, and where the reports are."""
+    table = Table(title="Validation of the final global model at each site")
     for header in ("site", "device", "Dice TC", "Dice WT", "Dice ET", "HD95 WT mm"):
         table.add_column(header)
     for path in sorted(report.glob("site-*.json")):
         document = json.loads(path.read_text())
-        metrics = document["rounds"][-1]["metrics"]
+        metrics = document["summary"]["metrics"]
         table.add_row(
             document["site"],
             document["device"],
@@ -381,13 +489,49 @@ def run_job_command(args: argparse.Namespace) -> int:
         )
     console.print(table)
     console.print(f"Reports: {report / 'federation.html'} and one page per site in {report}")
+
+
+def poc_prepare_command(args: argparse.Namespace) -> int:
+    """Handles ``fedseg poc prepare``."""
+    datasets = {}
+    for item in args.dataset:
+        site, separator, path = item.partition("=")
+        if not separator:
+            raise ValueError(f"--dataset {item}: expected SITE=PATH")
+        datasets[site] = Path(path)
+    federation = poc.prepare(args.workspace, args.sites, args.encryption, datasets)
+    console.print(
+        f"Provisioned {len(federation.sites)} sites ({args.encryption} encryption) in "
+        f"{federation.kits}; start it with fedseg poc start --workspace {args.workspace}"
+    )
     return 0
 
 
-def export_job_command(args: argparse.Namespace) -> int:
-    """Handles ``fedseg job export``."""
-    folder = export_job(load_config(args.config), args.out, args.harmonization)
-    console.print(f"Job folder written to {folder}; submit it with `nvflare job submit -j`")
+def poc_start_command(args: argparse.Namespace) -> int:
+    """Handles ``fedseg poc start``."""
+    federation = Federation(args.workspace.resolve())
+    poc.start(federation, args.participant)
+    console.print(f"Running: {', '.join(poc.running_processes(federation))}")
+    return 0
+
+
+def poc_stop_command(args: argparse.Namespace) -> int:
+    """Handles ``fedseg poc stop``."""
+    stopped = poc.stop(Federation(args.workspace.resolve()), args.participant)
+    console.print(f"Stopped: {', '.join(stopped) or 'nothing was running'}")
+    return 0
+
+
+def poc_status_command(args: argparse.Namespace) -> int:
+    """Handles ``fedseg poc status``."""
+    state = poc.status(Federation(args.workspace.resolve()))
+    table = Table(title=f"Federation in {state['workspace']} ({state['encryption']} encryption)")
+    for header in ("participant", "process id", "connected"):
+        table.add_column(header)
+    for name, pid in state["processes"].items():
+        connected = "-" if name == "server" else str(name in state["connected_sites"])
+        table.add_row(name, str(pid or "not running"), connected)
+    console.print(table)
     return 0
 
 
@@ -424,16 +568,26 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         datasets.append(options.output)
     console.print(summary)
-    console.rule("4/4  Federated harmonization fit and FedAvg training (NVFlare simulator)")
-    run_config = load_config("tiny")
+    console.rule("4/5  Provisioning and starting a local federation with HE contexts")
+    workspace = args.workdir / "federation"
+    names = {site.name: dataset for site, dataset in zip(sites, datasets, strict=True)}
+    federation = poc.prepare(workspace, len(datasets), "packed", names)
+    poc.start(federation)
     console.print(
-        f"{run_config.training.rounds} rounds of {run_config.model.name} on {len(datasets)} "
-        f"sites; NVFlare's logs go to {args.workdir / 'job' / 'simulation'}"
+        f"Server and {len(federation.sites)} sites running from the startup kits in "
+        f"{federation.kits}; each site reads its dataset from its kit's local folder"
     )
-    report_dir = run_job(run_config, datasets, args.workdir / "job")
-    console.print(
-        f"Reports: {report_dir / 'federation.html'} and one page per site in {report_dir}"
-    )
+    try:
+        run_config = load_config(args.config)
+        console.rule("5/5  Harmonization fit, then FedAvg on encrypted updates (admin API)")
+        console.print(
+            f"{run_config.training.rounds} rounds of {run_config.model.name}; every update is "
+            "encrypted at its site, the server adds ciphertexts it cannot decrypt"
+        )
+        report = submit_with_progress(federation, run_config, args.workdir / "job", None, None)
+    finally:
+        poc.stop(federation)
+    print_final_metrics(report)
     return 0
 
 
@@ -496,6 +650,25 @@ def _progress() -> Progress:
         TimeElapsedColumn(),
         console=console,
         transient=True,
+    )
+
+
+def _add_workspace_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workspace",
+        type=Path,
+        default=DEFAULT_FEDERATION,
+        help=f"the federation's folder (default {DEFAULT_FEDERATION})",
+    )
+
+
+def _add_encryption_argument(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument(
+        "--encryption",
+        choices=ENCRYPTION_MODES,
+        default=default,
+        help="how updates travel: packed CKKS (fedseg's), stock (NVFlare's HE filters) or none "
+        + (f"(default {default})" if default else "(default: what the federation provisioned)"),
     )
 
 

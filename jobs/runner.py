@@ -1,7 +1,9 @@
-"""``fedseg job run`` and ``fedseg job export``.
+"""Running jobs: in NVFlare's simulator, or in a federation through its admin API.
 
-Run the segmentation job in NVFlare's simulator on datasets written by ``fedseg ingest``, or
-write the job folder to submit to a federation.
+``fedseg job run`` runs the plaintext segmentation job in the simulator on datasets written
+by ``fedseg ingest``; ``fedseg job export`` writes the job folder to submit to a federation;
+:func:`run_in_federation` submits the (encrypted) job to a running federation, waits, downloads
+the result and writes the reports.
 """
 
 from __future__ import annotations
@@ -9,16 +11,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from nvflare.recipe import SimEnv
+from nvflare.recipe.spec import Recipe
 
+from app_server.federation import Federation, download_job, submit_job, wait_for_job
 from app_server.report import write_reports
+from app_server.site_reports import read_site_reports
 from app_site.harmonization import dataset_modality
-from app_site.site_config import site_environment_variable
-from app_site.training_task import METRICS_FILE
+from app_site.site_config import site_dataset, site_environment_variable
 from fedseg.config import RunConfig
 from fedseg.harmonization import HarmonizationConfig, read_harmonization_artifact
 from jobs.harmonization import HarmonizationRecipe, find_artifact
@@ -84,7 +88,7 @@ def run_job(
     workdir: Path,
     harmonization_artifact: Path | None = None,
 ) -> Path:
-    """Runs the segmentation job in the simulator and gathers each site's metrics.
+    """Runs the segmentation job (plaintext) in the simulator and writes the reports.
 
     Args:
         config: Run configuration.
@@ -99,7 +103,7 @@ def run_job(
 
     Raises:
         ValueError: If fewer datasets than ``training.min_sites`` are given.
-        RuntimeError: If a site reported no metrics.
+        RuntimeError: If a site's validation results are missing.
     """
     if len(datasets) < config.training.min_sites:
         raise ValueError(
@@ -107,12 +111,9 @@ def run_job(
         )
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    if config.harmonization.method != "none":
-        if harmonization_artifact is None:
-            harmonization_artifact = fit_harmonization(config, datasets, workdir)
-        read_harmonization_artifact(harmonization_artifact)  # refuse a broken one early
-    else:
-        harmonization_artifact = None
+    harmonization_artifact = _harmonization_for(
+        config, harmonization_artifact, lambda: fit_harmonization(config, datasets, workdir)
+    )
     recipe = segmentation_recipe(config, harmonization_artifact, sites=len(datasets))
     simulation = workdir / "simulation"
     with site_environment(datasets) as names:
@@ -120,17 +121,41 @@ def run_job(
             SimEnv(num_clients=len(datasets), workspace_root=str(simulation), log_config="WARNING")
         )
         result = Path(run.get_result())
-    cross_site = read_cross_site_results(result, names)
-    report = workdir / "report"
-    report.mkdir(exist_ok=True)
-    for name in names:
-        found = sorted(result.rglob(METRICS_FILE.format(site=name)))
-        if not found:
-            raise RuntimeError(f"{name} reported no metrics; see the logs under {result}")
-        document = json.loads(found[0].read_text())
-        (report / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
-    write_reports(report, cross_site)
-    return report
+    return write_job_reports(result, workdir / "report", names, cross_site=True)
+
+
+def write_job_reports(
+    result: Path, report_dir: Path, sites: Sequence[str], cross_site: bool
+) -> Path:
+    """Checks a finished job's results and writes the reports from them.
+
+    Args:
+        result: The job's result folder (simulator workspace or downloaded job).
+        report_dir: Where the reports go.
+        sites: Sites that must have reported.
+        cross_site: Whether the job ran cross-site evaluation (plaintext jobs).
+
+    Returns:
+        ``report_dir``.
+
+    Raises:
+        RuntimeError: If any site's validation results are missing: a job whose validation
+            results are empty fails, whatever status NVFlare reported.
+    """
+    collected = read_site_reports(result, list(sites))
+    matrix = read_cross_site_results(result, sites) if cross_site else None
+    write_reports(report_dir, collected, matrix)
+    return Path(report_dir)
+
+
+def _harmonization_for(config: RunConfig, artifact: Path | None, fit) -> Path | None:
+    """The job's artifact: the given one (checked), a fitted one, or none when not asked for."""
+    if config.harmonization.method == "none":
+        return None
+    if artifact is None:
+        artifact = fit()
+    read_harmonization_artifact(artifact)  # refuse a broken one before any training
+    return Path(artifact)
 
 
 def read_cross_site_results(result: Path, sites: Sequence[str]) -> dict:
@@ -153,12 +178,117 @@ def read_cross_site_results(result: Path, sites: Sequence[str]) -> dict:
     return matrix
 
 
-def export_job(config: RunConfig, output: Path, harmonization_artifact: Path | None = None) -> Path:
+def export_job(
+    config: RunConfig,
+    output: Path,
+    harmonization_artifact: Path | None = None,
+    encryption: str = "packed",
+) -> Path:
     """Writes the job folder that ``nvflare job submit`` and the admin console accept.
 
+    Args:
+        config: Run configuration.
+        output: Folder to write it into.
+        harmonization_artifact: Fitted artifact (required when the configuration harmonizes).
+        encryption: ``packed`` (default), ``stock`` or ``none``; must match the federation's
+            provisioned HE contexts.
+
     Returns:
-        The job folder.
+        The job folder (the one holding ``meta.json``).
     """
-    recipe = segmentation_recipe(config, harmonization_artifact)
+    recipe = segmentation_recipe(config, harmonization_artifact, encryption=encryption)
     recipe.export(str(output))
-    return Path(output)
+    return next(path.parent for path in Path(output).rglob("meta.json"))
+
+
+def run_in_federation(
+    federation: Federation,
+    config: RunConfig,
+    workdir: Path,
+    harmonization_artifact: Path | None = None,
+    encryption: str | None = None,
+    on_poll: Callable[[str, dict], None] | None = None,
+) -> Path:
+    """Runs the segmentation job in a running federation, the way an operator does.
+
+    When the configuration asks for harmonization and no artifact is given, the harmonization
+    fit runs first as its own job in the same federation. Each job is exported, submitted
+    through the admin API, waited for and downloaded into ``workdir``.
+
+    Args:
+        federation: The federation (started, sites pointing at their datasets).
+        config: Run configuration.
+        workdir: Where jobs, downloads, the artifact and ``report/`` go.
+        harmonization_artifact: Fitted artifact, or ``None``.
+        encryption: ``packed``, ``stock`` or ``none``; default what the federation was
+            provisioned for.
+        on_poll: Called with the job's name and meta after every status poll.
+
+    Returns:
+        The ``report`` folder.
+
+    Raises:
+        RuntimeError: If a job fails or its validation results are missing.
+    """
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    sites = federation.sites
+    encryption = encryption or federation.encryption
+
+    def fit() -> Path:
+        fit_config = HarmonizationConfig(
+            method=config.harmonization.method,
+            mask_method=config.harmonization.mask,
+            min_images=config.harmonization.min_images,
+        )
+        modality = _federation_modality(federation)
+        recipe = HarmonizationRecipe(fit_config, modality, min_sites=len(sites), timeout=1800)
+        result = submit_and_fetch(federation, recipe, workdir / "harmonization", on_poll)
+        target = workdir / "harmonization.json"
+        shutil.copyfile(find_artifact(result), target)
+        return target
+
+    harmonization_artifact = _harmonization_for(config, harmonization_artifact, fit)
+    recipe = segmentation_recipe(
+        config, harmonization_artifact, encryption=encryption, sites=len(sites)
+    )
+    result = submit_and_fetch(federation, recipe, workdir / "segmentation", on_poll)
+    return write_job_reports(result, workdir / "report", sites, cross_site=encryption == "none")
+
+
+def submit_and_fetch(
+    federation: Federation,
+    recipe: Recipe,
+    folder: Path,
+    on_poll: Callable[[str, dict], None] | None = None,
+) -> Path:
+    """Exports a recipe, submits it (``submit_job``), waits, and downloads its result.
+
+    Returns:
+        The downloaded job result.
+
+    Raises:
+        RuntimeError: If the job did not complete.
+    """
+    recipe.export(str(folder / "job"))
+    job_folder = next(path.parent for path in (folder / "job").rglob("meta.json"))
+    job_id = submit_job(federation, job_folder)
+    name = job_folder.name
+    meta = wait_for_job(federation, job_id, lambda m: on_poll and on_poll(name, m))
+    result = download_job(federation, job_id, folder / "result")
+    if meta["status"] != "FINISHED:COMPLETED":
+        raise RuntimeError(
+            f"job {name} ({job_id}) ended {meta['status']}; the server's log is in {result}, "
+            "the sites' logs in their startup kits"
+        )
+    return result
+
+
+def _federation_modality(federation: Federation) -> str:
+    """The sites' modality, from the datasets their kits point at (sites refuse a mismatch)."""
+    modalities = set()
+    for site in federation.sites:
+        modalities.add(dataset_modality(site_dataset(site, federation.kit(site))))
+    if len(modalities) != 1:
+        raise ValueError(f"sites hold different modalities: {sorted(modalities)}")
+    return modalities.pop()

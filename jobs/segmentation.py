@@ -1,67 +1,199 @@
-"""The federated segmentation job: FedAvg over MONAI training at each site (recipe builder)."""
+"""The federated segmentation job: FedAvg over MONAI training at each site (recipe builder).
+
+Three ways for the updates to travel, chosen with ``encryption``:
+
+- ``packed`` (the default for a federation): each site encrypts its whole model, weighted by its
+  training steps, as one packed CKKS vector (:mod:`fedseg.packed_ckks`); the server adds
+  ciphertexts it cannot decrypt and persists only the encrypted global model; sites decrypt.
+- ``stock``: NVFlare's own HE filters (``FedAvgRecipeWithHE``), kept for comparison.
+- ``none``: plaintext FedAvg with cross-site evaluation of the final models (the simulator).
+
+In every mode each site validates the global model it receives before training, declares its
+metrics with its update, and validates the final global model after the last round (not with
+``stock``: NVFlare 2.9 cannot send its encrypted models to sites outside training); the server
+gathers these reports into ``fedseg_site_reports.json``.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
-from nvflare.apis.job_def import ALL_SITES
+from nvflare.apis.job_def import ALL_SITES, SERVER_SITE_NAME
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.shareablegenerators.full_model_shareable_generator import (
+    FullModelShareableGenerator,
+)
+from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
-from nvflare.client.config import TransferType
+from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
+from nvflare.client.config import ExchangeFormat, TransferType
+from nvflare.fuel.utils.constants import FrameworkType
+from nvflare.job_config.api import FedJob
+from nvflare.job_config.defs import FilterType
+from nvflare.job_config.script_runner import ScriptRunner
+from nvflare.recipe.spec import Recipe
 from nvflare.recipe.utils import add_cross_site_evaluation
 
+from app_server.packed_he import ENCRYPTED_MODEL_FILE, EncryptedModelPersistor, PackedHEAggregator
+from app_server.report_collector import FinalValidation, SiteReportFilter
+from app_site.he_filters import OutgoingAudit, PackedHEDecryptor, PackedHEEncryptor
 from app_site.training_task import ARTIFACT_FILE, JOB_MANIFEST_FILE, RUN_CONFIG_FILE
 from fedseg.config import RunConfig
-from models.networks import NETWORKS
+from models.networks import NETWORKS, build_network
 
 CLIENT_SCRIPT = Path(__file__).resolve().parent / "scripts" / "segmentation_client.py"
+#: How updates travel: see the module docstring.
+ENCRYPTION_MODES = ("packed", "stock", "none")
+#: The initial global model (a PyTorch state dict built from the run configuration's seed).
+INITIAL_MODEL_FILE = "fedseg_initial_model.pt"
+#: The report store's mode names.
+MODE_NAMES = {"packed": "he-packed", "stock": "he-stock", "none": "plaintext"}
+_TRAIN, _VALIDATE = AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION
+_SUBMIT = AppConstants.TASK_SUBMIT_MODEL
 
 
 def segmentation_recipe(
     config: RunConfig,
     harmonization_artifact: Path | None = None,
+    encryption: str = "none",
     name: str = "fedseg-segmentation",
     sites: int | None = None,
-) -> FedAvgRecipe:
+) -> Recipe:
     """A FedAvg recipe that trains ``config``'s network at every site.
 
-    The run configuration, the harmonization artifact and a manifest with the artifact's hash
-    travel inside the job (each client app's custom folder); sites refuse to train when their
-    copy of the artifact does not match that hash.
+    The run configuration, the harmonization artifact, the initial model and a manifest with
+    the artifact's hash travel inside the job; sites refuse to train when their copy of the
+    artifact does not match that hash. Every mode starts from the same initial weights (built
+    with ``training.seed``), so plaintext and encrypted runs can be compared.
 
     Args:
         config: The run configuration.
         harmonization_artifact: Fitted artifact, or ``None`` when the configuration asks for
             no harmonization.
+        encryption: ``packed``, ``stock`` or ``none`` (see the module docstring).
         name: Job name.
-        sites: Sites that train in every round; default ``training.min_sites`` (NVFlare's
-            FedAvg samples that many sites per round).
+        sites: Sites that must train in every round; default ``training.min_sites``.
 
     Returns:
         The recipe (execute it in an NVFlare environment, or export it).
 
     Raises:
-        ValueError: If the configuration asks for harmonization and no artifact is given.
+        ValueError: If the configuration asks for harmonization and no artifact is given, or
+            the encryption mode is unknown.
     """
     if config.harmonization.method != "none" and harmonization_artifact is None:
         raise ValueError(
             "the configuration asks for harmonization: fit an artifact first "
             "(fedseg harmonize fit, or let fedseg job run fit it)"
         )
-    network = NETWORKS[config.model.name]
+    if encryption not in ENCRYPTION_MODES:
+        raise ValueError(f"encryption must be one of {ENCRYPTION_MODES}, got {encryption!r}")
+    min_sites = sites or config.training.min_sites
+    staging = Path(tempfile.mkdtemp(prefix="fedseg-job-"))
+    initial_model = _write_initial_model(config, staging / INITIAL_MODEL_FILE)
+    builders = {"packed": _packed_he_recipe, "stock": _stock_he_recipe, "none": _plaintext_recipe}
+    recipe = builders[encryption](config, name, min_sites, initial_model)
+    for path in _job_files(config, harmonization_artifact, staging):
+        recipe._job.add_file_to(str(path), ALL_SITES)  # Recipe keeps its FedJob private
+    recipe.add_server_input_filter(
+        SiteReportFilter(MODE_NAMES[encryption]), tasks=[_TRAIN, _VALIDATE]
+    )
+    return recipe
+
+
+def _plaintext_recipe(config: RunConfig, name: str, min_sites: int, initial_model: Path) -> Recipe:
     recipe = FedAvgRecipe(
         name=name,
-        model={"class_path": f"{network.__module__}.{network.__name__}", "args": config.model.args},
-        min_clients=sites or config.training.min_sites,
+        model=_model_spec(config),
+        initial_ckpt=os.path.relpath(initial_model),  # relative: bundled with the job
+        min_clients=min_sites,
         num_rounds=config.training.rounds,
         train_script=str(CLIENT_SCRIPT),
         key_metric="dice_mean",
         key_metric_mode="max",
         params_transfer_type=TransferType.DIFF,
     )
-    staging = Path(tempfile.mkdtemp(prefix="fedseg-job-"))
+    recipe._job.to_server(  # workflows run in order: training, final validation, evaluation
+        FinalValidation(persistor_id="persistor", model_name="FL_global_model.pt", mode="plaintext")
+    )
+    recipe.add_client_output_filter(OutgoingAudit(), tasks=[_TRAIN, _VALIDATE, _SUBMIT])
+    # Every site also validates the other sites' local models and the best global model.
+    add_cross_site_evaluation(recipe)
+    return recipe
+
+
+def _packed_he_recipe(config: RunConfig, name: str, min_sites: int, initial_model: Path) -> Recipe:
+    job = FedJob(name=name, min_clients=min_sites)
+    job.add_file_to(str(initial_model), SERVER_SITE_NAME)
+    persistor = job.to_server(EncryptedModelPersistor(INITIAL_MODEL_FILE), id="persistor")
+    generator = job.to_server(FullModelShareableGenerator(), id="shareable_generator")
+    aggregator = job.to_server(PackedHEAggregator(), id="aggregator")
+    job.to_server(
+        ScatterAndGather(
+            min_clients=min_sites,
+            num_rounds=config.training.rounds,
+            wait_time_after_min_received=0,
+            aggregator_id=aggregator,
+            persistor_id=persistor,
+            shareable_generator_id=generator,
+        )
+    )
+    job.to_server(
+        FinalValidation(persistor_id=persistor, model_name=ENCRYPTED_MODEL_FILE, mode="he-packed")
+    )
+    job.to_clients(
+        ScriptRunner(
+            script=str(CLIENT_SCRIPT),
+            framework=FrameworkType.PYTORCH,
+            server_expected_format=ExchangeFormat.NUMPY,
+            params_transfer_type=TransferType.FULL,
+        )
+    )
+    job.to_clients(PackedHEDecryptor(), tasks=[_TRAIN, _VALIDATE], filter_type=FilterType.TASK_DATA)
+    # Result filters run in order: encrypt, then audit what actually leaves.
+    job.to_clients(PackedHEEncryptor(), tasks=[_TRAIN], filter_type=FilterType.TASK_RESULT)
+    for tasks in ([_TRAIN], [_VALIDATE, _SUBMIT]):
+        job.to_clients(
+            OutgoingAudit(require_encrypted=True), tasks=tasks, filter_type=FilterType.TASK_RESULT
+        )
+    return Recipe(job)
+
+
+def _stock_he_recipe(config: RunConfig, name: str, min_sites: int, initial_model: Path) -> Recipe:
+    recipe = FedAvgRecipeWithHE(
+        name=name,
+        model=_model_spec(config),
+        initial_ckpt=os.path.relpath(initial_model),
+        min_clients=min_sites,
+        num_rounds=config.training.rounds,
+        train_script=str(CLIENT_SCRIPT),
+    )
+    # After the recipe's own encryptors (one chain per task set it configured).
+    for tasks in ([_TRAIN], [_SUBMIT], [_VALIDATE]):
+        recipe.add_client_output_filter(OutgoingAudit(), tasks=tasks)
+    return recipe
+
+
+def _model_spec(config: RunConfig) -> dict:
+    network = NETWORKS[config.model.name]
+    return {"class_path": f"{network.__module__}.{network.__name__}", "args": config.model.args}
+
+
+def _write_initial_model(config: RunConfig, path: Path) -> Path:
+    """The initial global model: the configured network built with ``training.seed``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(config.training.seed)
+        network = build_network(config.model.name, **config.model.args)
+    torch.save(network.state_dict(), path)
+    return path
+
+
+def _job_files(config: RunConfig, harmonization_artifact: Path | None, staging: Path) -> list:
     (staging / RUN_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     manifest = {"harmonization_hash": None}
     if harmonization_artifact is not None:
@@ -69,8 +201,6 @@ def segmentation_recipe(
         manifest["harmonization_hash"] = artifact["hash"]
         (staging / ARTIFACT_FILE).write_bytes(Path(harmonization_artifact).read_bytes())
     (staging / JOB_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    for path in sorted(staging.iterdir()):
-        recipe._job.add_file_to(str(path), ALL_SITES)  # Recipe keeps its FedJob private
-    # Every site validates the final global model and the other sites' local models.
-    add_cross_site_evaluation(recipe)
-    return recipe
+    return [staging / RUN_CONFIG_FILE, staging / JOB_MANIFEST_FILE] + (
+        [staging / ARTIFACT_FILE] if harmonization_artifact is not None else []
+    )

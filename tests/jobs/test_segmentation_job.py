@@ -44,10 +44,15 @@ def test_every_site_reports_finite_metrics_for_every_round(job_run):
             assert entry["train_steps"] == 8 and math.isfinite(entry["train_loss"])
         assert report["device"] == "cpu"
         assert report["data"]["validation_cases"] >= 1
+        assert report["summary"]["model"] == "final global model"
+        assert all(math.isfinite(v) for k, v in report["final"]["metrics"].items() if "dice" in k)
         page = (workdir / "report" / f"{path.stem}.html").read_text()
         assert f"{report['summary']['metrics']['dice_WT']:.3f}" in page
     federation = json.loads((workdir / "report" / "federation.json").read_text())
-    assert federation["sites"] == ["site-1", "site-2", "site-3"]
+    assert (
+        federation["sites"] == ["site-1", "site-2", "site-3"] and federation["mode"] == "plaintext"
+    )
+    assert federation["round_contributors"] == {"0": federation["sites"], "1": federation["sites"]}
     assert (workdir / "report" / "federation.html").is_file()
 
 
@@ -58,8 +63,6 @@ def test_cross_site_evaluation_covers_every_model_on_every_site(job_run):
     for row in matrix.values():
         assert {"SRV_FL_global_model.pt", "site-1", "site-2", "site-3"} <= set(row)
         assert all(0.0 <= metrics["dice_mean"] <= 1.0 for metrics in row.values())
-    for path in (workdir / "report").glob("site-*.json"):
-        assert len(json.loads(path.read_text())["evaluations"]) == len(matrix["site-1"])
     assert "Cross-site evaluation" in (workdir / "report" / "federation.html").read_text()
 
 
@@ -87,18 +90,28 @@ def test_a_site_refuses_an_altered_artifact(datasets, tmp_path, job_run):
     assert not (tmp_path / "w" / "simulation").exists(), "refused before any training"
 
 
-def test_exported_job_folder(tmp_path, job_run):
+@pytest.mark.parametrize(
+    ("encryption", "components"),
+    [
+        ("packed", ["PackedHEAggregator", "EncryptedModelPersistor", "PackedHEEncryptor"]),
+        ("stock", ["HEInTimeAccumulateWeightedAggregator", "HEModelEncryptor"]),
+        ("none", ["models.networks.SmallUNet", "CrossSiteModelEval"]),
+    ],
+)
+def test_exported_job_folder(tmp_path, job_run, encryption, components):
     workdir, _ = job_run
-    folder = export_job(load_config("tiny"), tmp_path / "export", workdir / "harmonization.json")
-    jobs = [p.parent for p in folder.rglob("meta.json")]
-    assert len(jobs) == 1
-    job = jobs[0]
+    job = export_job(
+        load_config("tiny"), tmp_path / "export", workdir / "harmonization.json", encryption
+    )
     meta = json.loads((job / "meta.json").read_text())
     assert meta["min_clients"] == 2
-    server = json.loads(next(job.rglob("config_fed_server.json")).read_text())
-    assert "models.networks.SmallUNet" in json.dumps(server)
+    configs = json.dumps([json.loads(p.read_text()) for p in job.rglob("config_fed_*.json")])
+    assert all(name in configs for name in components)
+    assert "SiteReportFilter" in configs and "OutgoingAudit" in configs
+    assert ("FinalValidation" in configs) == (encryption != "stock")
     shipped = {p.name for p in job.rglob("fedseg_*")}
-    assert {"fedseg_run.yaml", "fedseg_harmonization.json", "fedseg_job.json"} <= shipped
+    assert {"fedseg_run.yaml", "fedseg_harmonization.json", "fedseg_job.json",
+            "fedseg_initial_model.pt"} <= shipped  # fmt: skip
 
 
 def test_empty_cross_site_results_fail_loudly(tmp_path):

@@ -37,7 +37,16 @@ def site_document(site: str, dice: float) -> dict:
         "data": {"training_cases": 4, "validation_cases": 3, "qc_counts": {"accepted": 7}},
         "harmonization_hash": "ab" * 32,
         "rounds": rounds,
-        "final": None,
+        "final": {"metrics": {**rounds[-1]["metrics"], "dice_WT": dice}, "cases": cases},
+    }
+
+
+def collected(*documents) -> dict:
+    """What the server gathers (fedseg_site_reports.json)."""
+    return {
+        "mode": "he-packed",
+        "sites": {d["site"]: d for d in documents},
+        "round_contributors": {"0": [d["site"] for d in documents], "1": [documents[0]["site"]]},
     }
 
 
@@ -50,9 +59,8 @@ def test_bootstrap_interval_brackets_the_mean():
 
 
 def test_reports_hold_the_numbers_and_nothing_else(tmp_path):
-    for site, dice in (("site-1", 0.8), ("site-2", 0.6)):
-        (tmp_path / f"{site}.json").write_text(json.dumps(site_document(site, dice)))
-    written = write_reports(tmp_path)
+    documents = [site_document(site, dice) for site, dice in (("site-1", 0.8), ("site-2", 0.6))]
+    written = write_reports(tmp_path, collected(*documents))
     assert {p.name for p in written} == {
         "site-1.json", "site-1.html", "site-2.json", "site-2.html",
         "federation.json", "federation.html",
@@ -63,12 +71,24 @@ def test_reports_hold_the_numbers_and_nothing_else(tmp_path):
     low, high = summary["intervals"]["dice_TC"]
     assert f"{low:.3f} to {high:.3f}" in page
     assert "<svg" in page and "case-000000000002" in page and "n/a" in page  # ET HD95 undefined
+    assert summary["model"] == "final global model"
+    assert "packed CKKS" in page
     federation = json.loads((tmp_path / "federation.json").read_text())
-    assert federation["sites"] == ["site-1", "site-2"]
-    assert federation["last_round"]["site-2"]["dice_WT"] == pytest.approx(0.6)
-    assert "site-2" in (tmp_path / "federation.html").read_text()
+    assert federation["sites"] == ["site-1", "site-2"] and federation["mode"] == "he-packed"
+    assert federation["final"]["site-2"]["dice_WT"] == pytest.approx(0.6)
+    page = (tmp_path / "federation.html").read_text()
+    assert "site-2" in page and "Contributions per round" in page
+    assert page.count("<td>no</td>") == 1  # site-2 did not contribute to round 1
 
 
-def test_empty_report_folder_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no site metrics"):
-        write_reports(tmp_path)
+def test_without_a_final_validation_the_last_round_is_summarized(tmp_path):
+    document = {**site_document("site-1", 0.7), "final": None}
+    write_reports(tmp_path, collected(document))
+    summary = json.loads((tmp_path / "site-1.json").read_text())["summary"]
+    assert summary["model"] == "global model of round 1"
+    assert summary["metrics"]["dice_WT"] == document["rounds"][-1]["metrics"]["dice_WT"]
+
+
+def test_nothing_to_report_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no site metrics"):
+        write_reports(tmp_path, {"mode": "plaintext", "sites": {}})

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from app_server.report import write_reports
 
-from .test_report import site_document
+from .test_report import collected, site_document
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -34,9 +34,8 @@ def chromium(tmp_path, *arguments) -> subprocess.CompletedProcess:
 
 
 def test_site_and_federation_pages_render_with_their_numbers(tmp_path):
-    for site, dice in (("site-1", 0.82), ("site-2", 0.64)):
-        (tmp_path / f"{site}.json").write_text(json.dumps(site_document(site, dice)))
-    write_reports(tmp_path)
+    documents = [site_document(site, dice) for site, dice in (("site-1", 0.82), ("site-2", 0.64))]
+    write_reports(tmp_path, collected(*documents))
     for page in ("site-1.html", "federation.html"):
         screenshot = tmp_path / f"{page}.png"
         chromium(tmp_path, "--window-size=1000,1400", f"--screenshot={screenshot}",

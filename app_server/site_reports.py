@@ -1,0 +1,163 @@
+"""What the server keeps of each site's validation: declared metrics, never weights or images.
+
+Every training result carries, next to its (encrypted or plaintext) update, a small declared
+report: the validation of the global model the site received (summary and per-case Dice and
+HD95, with hashed case ids), its training loss, steps and time, its device and data counts. The
+final validation of the last global model arrives the same way. This module gathers them into
+one document per site, written atomically to ``fedseg_site_reports.json`` in the server's run
+folder, which is what the reports are built from (in the simulator, in POC and in production).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from pathlib import Path
+
+#: The server-side file, in the job's run folder.
+SITE_REPORTS_FILE = "fedseg_site_reports.json"
+
+_SITE_FIELDS = ("device", "data", "harmonization_hash")
+
+
+class SiteReportError(ValueError):
+    """A declared report that does not have the expected form."""
+
+
+class SiteReports:
+    """Per-site documents, built from the reports sites declare with their results.
+
+    Args:
+        path: Where to write them (atomically, after every change).
+        mode: How updates travelled (``plaintext`` or ``he-packed`` ...), for the reports.
+    """
+
+    def __init__(self, path: Path, mode: str):
+        self.path = Path(path)
+        self.mode = mode
+        self.sites: dict[str, dict] = {}
+        self.contributors: dict[int, list[str]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path, mode: str) -> SiteReports:
+        """The store at ``path``, with what it already holds (a restarted server goes on)."""
+        store = cls(path, mode)
+        if store.path.is_file():
+            content = json.loads(store.path.read_text())
+            store.sites = content["sites"]
+            store.contributors = {int(r): s for r, s in content["round_contributors"].items()}
+        return store
+
+    def record_round(self, site: str, round_number: int, report: dict) -> None:
+        """Records a training round: the site's validation of the global model and its training.
+
+        Raises:
+            SiteReportError: If the report lacks a field.
+        """
+        _require(report, ("validation", "training", *_SITE_FIELDS), site)
+        entry = {
+            "round": int(round_number),
+            "metrics": report["validation"]["metrics"],
+            "cases": report["validation"]["cases"],
+            "train_loss": report["training"]["loss"],
+            "train_steps": report["training"]["steps"],
+            "train_seconds": report["training"]["seconds"],
+        }
+        with self._lock:
+            document = self._site(site, report)
+            document["rounds"] = [r for r in document["rounds"] if r["round"] != entry["round"]]
+            document["rounds"].append(entry)
+            document["rounds"].sort(key=lambda r: r["round"])
+            names = set(self.contributors.get(int(round_number), [])) | {site}
+            self.contributors[int(round_number)] = sorted(names)
+            self._write()
+
+    def record_final(self, site: str, report: dict) -> None:
+        """Records the site's validation of the final global model.
+
+        Raises:
+            SiteReportError: If the report lacks a field.
+        """
+        _require(report, ("validation", *_SITE_FIELDS), site)
+        with self._lock:
+            document = self._site(site, report)
+            document["final"] = {
+                "metrics": report["validation"]["metrics"],
+                "cases": report["validation"]["cases"],
+            }
+            self._write()
+
+    def to_dict(self) -> dict:
+        """The file's content."""
+        return {
+            "mode": self.mode,
+            "sites": {name: self.sites[name] for name in sorted(self.sites)},
+            "round_contributors": {str(r): self.contributors[r] for r in sorted(self.contributors)},
+        }
+
+    def _site(self, site: str, report: dict) -> dict:
+        document = self.sites.setdefault(site, {"site": site, "rounds": [], "final": None})
+        document.update({field: report[field] for field in _SITE_FIELDS})
+        return document
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".tmp-{self.path.name}")
+        temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(temporary, self.path)
+
+
+def read_site_reports(result_dir: Path, sites: list[str] | None = None) -> dict:
+    """Reads the server's site reports from a job result and checks they are complete.
+
+    Args:
+        result_dir: The job's result (downloaded workspace, or the simulator's).
+        sites: Sites that must have reported; default every site found.
+
+    Returns:
+        The file's content.
+
+    Raises:
+        RuntimeError: If the file is missing, a site reported no round, or no validation of
+            the final global model, or a metric is not finite: a job whose validation results
+            are missing fails, whatever status NVFlare reported.
+    """
+    found = sorted(Path(result_dir).rglob(SITE_REPORTS_FILE))
+    if not found:
+        raise RuntimeError(
+            f"{result_dir}: the server recorded no site reports ({SITE_REPORTS_FILE}); "
+            "see the server log"
+        )
+    content = json.loads(found[0].read_text())
+    documents = content["sites"]
+    expected = sorted(sites) if sites is not None else sorted(documents)
+    problems = []
+    for site in expected:
+        document = documents.get(site)
+        if document is None or not document["rounds"]:
+            problems.append(f"{site} reported no training round")
+        elif document.get("final") is None:
+            problems.append(f"{site} did not validate the final global model")
+        elif not all(_finite_dice(r["metrics"]) for r in [*document["rounds"], document["final"]]):
+            problems.append(f"{site} reported non-finite Dice")
+    if not expected:
+        problems.append("no site reported")
+    if problems:
+        raise RuntimeError(f"{found[0]}: " + "; ".join(problems) + "; see those sites' logs")
+    return content
+
+
+def _finite_dice(metrics: dict) -> bool:
+    values = [v for k, v in metrics.items() if k.startswith("dice")]
+    return bool(values) and all(isinstance(v, int | float) and math.isfinite(v) for v in values)
+
+
+def _require(report: dict, fields: tuple[str, ...], site: str) -> None:
+    if not isinstance(report, dict):
+        raise SiteReportError(f"{site} sent no report")
+    missing = [f for f in fields if f not in report]
+    if missing:
+        raise SiteReportError(f"{site}'s report lacks {', '.join(missing)}")

@@ -1,0 +1,83 @@
+"""The server's store of declared site reports, and the loud failure on missing results."""
+
+import json
+
+import pytest
+
+from app_server.site_reports import (
+    SITE_REPORTS_FILE,
+    SiteReportError,
+    SiteReports,
+    read_site_reports,
+)
+
+CASES = [{"case_id": "case-0123456789ab", "dice": {"TC": 0.5, "WT": 0.6, "ET": 0.4},
+          "hd95": {"TC": 3.0, "WT": 2.0, "ET": None}}]  # fmt: skip
+METRICS = {"dice_TC": 0.5, "dice_WT": 0.6, "dice_ET": 0.4, "dice_mean": 0.5, "hd95_WT": 2.0}
+SITE = {"device": "cpu", "data": {"training_cases": 3}, "harmonization_hash": "ab" * 32}
+
+
+def round_report(loss=1.0):
+    return {
+        **SITE,
+        "validation": {"metrics": METRICS, "cases": CASES},
+        "training": {"loss": loss, "steps": 8, "seconds": 1.5},
+    }
+
+
+def test_rounds_and_final_validation_make_one_document_per_site(tmp_path):
+    store = SiteReports(tmp_path / SITE_REPORTS_FILE, "he-packed")
+    store.record_round("site-2", 1, round_report(0.5))
+    store.record_round("site-1", 0, round_report())
+    store.record_round("site-2", 0, round_report())
+    store.record_round("site-2", 1, round_report(0.4))  # a repeated round replaces, never doubles
+    store.record_final("site-2", {**SITE, "validation": {"metrics": METRICS, "cases": CASES}})
+    content = json.loads((tmp_path / SITE_REPORTS_FILE).read_text())
+    assert content["mode"] == "he-packed"
+    assert content["round_contributors"] == {"0": ["site-1", "site-2"], "1": ["site-2"]}
+    site_2 = content["sites"]["site-2"]
+    assert [r["round"] for r in site_2["rounds"]] == [0, 1]
+    assert site_2["rounds"][1]["train_loss"] == 0.4
+    assert site_2["final"]["metrics"] == METRICS and content["sites"]["site-1"]["final"] is None
+    reopened = SiteReports.open(tmp_path / SITE_REPORTS_FILE, "he-packed")
+    assert reopened.to_dict() == content  # a restarted server goes on from the file
+
+
+def test_a_report_without_its_fields_is_refused(tmp_path):
+    store = SiteReports(tmp_path / SITE_REPORTS_FILE, "plaintext")
+    with pytest.raises(SiteReportError, match="site-1's report lacks training"):
+        store.record_round("site-1", 0, {**SITE, "validation": {}})
+    with pytest.raises(SiteReportError, match="site-1 sent no report"):
+        store.record_final("site-1", None)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: None, None),
+        (lambda s: s.sites.pop("site-2"), "site-2 reported no training round"),
+        (lambda s: s.sites["site-2"].update(final=None), "site-2 did not validate the final"),
+        (lambda s: s.sites["site-1"]["rounds"][0]["metrics"].update(dice_WT=float("nan")),
+         "site-1 reported non-finite Dice"),
+    ],
+)  # fmt: skip
+def test_missing_or_broken_results_fail_loudly(tmp_path, change, message):
+    store = SiteReports(tmp_path / "server" / SITE_REPORTS_FILE, "he-packed")
+    for site in ("site-1", "site-2"):
+        store.record_round(site, 0, round_report())
+        store.record_final(site, {**SITE, "validation": {"metrics": dict(METRICS), "cases": CASES}})
+    change(store)
+    store._write()
+    if message is None:
+        assert sorted(read_site_reports(tmp_path, ["site-1", "site-2"])["sites"]) == [
+            "site-1",
+            "site-2",
+        ]
+    else:
+        with pytest.raises(RuntimeError, match=message):
+            read_site_reports(tmp_path, ["site-1", "site-2"])
+
+
+def test_no_reports_at_all_fail_loudly(tmp_path):
+    with pytest.raises(RuntimeError, match="recorded no site reports"):
+        read_site_reports(tmp_path, ["site-1"])
