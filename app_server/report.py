@@ -131,6 +131,7 @@ def write_reports(report_dir: Path, collected: dict, cross_site: dict | None = N
         written += [path, page]
     federation = federation_summary(sites, collected.get("round_contributors"))
     federation["mode"] = mode
+    federation["refusals"] = collected.get("refusals", [])
     federation["cross_site"] = cross_site or {}
     (report_dir / "federation.json").write_text(json.dumps(federation, indent=2) + "\n")
     (report_dir / "federation.html").write_text(render_federation(federation))
@@ -218,6 +219,7 @@ the global model on its own data; only these metrics left the sites.</p>
 <table><tr><th>site</th>{"".join(f"<th>Dice {r}</th>" for r in REGIONS)}<th>device</th></tr>
 {rows}</table>
 {_contributors_table(federation["round_contributors"], federation["sites"])}
+{_refusals_table(federation.get("refusals", []))}
 {_cross_site_table(federation["cross_site"])}
 <h2>Dice per round</h2>{charts}"""
     return _page("fedseg federation report", body)
@@ -240,6 +242,21 @@ def _contributors_table(contributors: dict, sites: list[str]) -> str:
         for r, names in sorted(contributors.items(), key=lambda item: int(item[0]))
     )
     return f"<h2>Contributions per round</h2><table><tr><th>round</th>{header}</tr>{rows}</table>"
+
+
+def _refusals_table(refusals: list[dict]) -> str:
+    """Updates that did not go into the global model: which site, which round, why."""
+    if not refusals:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(r['site'])}</td><td class=num>{r['round']}</td>"
+        f"<td>{html.escape(r['reason'])}</td></tr>"
+        for r in refusals
+    )
+    return (
+        "<h2>Refused updates</h2><table><tr><th>site</th><th>round</th><th>reason</th></tr>"
+        f"{rows}</table>"
+    )
 
 
 def _cross_site_table(matrix: dict) -> str:

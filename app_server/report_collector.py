@@ -4,8 +4,8 @@
 of each training and final-validation result into the run's ``fedseg_site_reports.json``
 (:mod:`app_server.site_reports`) and passes the result on unchanged. :class:`FinalValidation`
 is the last workflow of a job: it sends the final global model (encrypted in an HE job: the
-sites decrypt it, the server never does) to every site that trained in the last round and fails
-the job when any of them does not send its metrics back.
+sites decrypt it, the server never does) to every site that reported the last round (with an
+update or with its refusal) and fails the job when any of them does not send its metrics back.
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from app_server.site_reports import SITE_REPORTS_FILE, SiteReportError, SiteReports
+from app_server.site_reports import (
+    SITE_REPORTS_FILE,
+    SiteReportError,
+    SiteReports,
+    last_reported_round,
+    sites_of_round,
+)
 from fedseg.messages import FINAL_VALIDATION, PURPOSE_META_KEY, REPORT_META_KEY
 
 _STORES: dict[str, SiteReports] = {}
@@ -108,8 +114,11 @@ class FinalValidation(ModelController):
             self.panic(f"final validation: no global model {self.model_name} was persisted")
             return
         store = site_reports_for(self.fl_ctx, self.mode)
-        last_round = max(store.contributors, default=None)
-        sites = store.contributors.get(last_round) or [c.name for c in self.engine.get_clients()]
+        content = store.to_dict()
+        sites = sites_of_round(content, last_reported_round(content))
+        if not sites:
+            self.panic("final validation: no site reported any round")
+            return
         model = FLModel(
             params=learnable[ModelLearnableKey.WEIGHTS],
             params_type=ParamsType.FULL,

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import threading
+import time
 from pathlib import Path
 
 #: The server-side file, in the job's run folder.
@@ -39,6 +40,8 @@ class SiteReports:
         self.mode = mode
         self.sites: dict[str, dict] = {}
         self.contributors: dict[int, list[str]] = {}
+        self.refusals: list[dict] = []
+        self.failures: list[str] = []
         self._lock = threading.Lock()
 
     @classmethod
@@ -49,6 +52,8 @@ class SiteReports:
             content = json.loads(store.path.read_text())
             store.sites = content["sites"]
             store.contributors = {int(r): s for r, s in content["round_contributors"].items()}
+            store.refusals = content.get("refusals", [])
+            store.failures = content.get("failures", [])
         return store
 
     def record_round(self, site: str, round_number: int, report: dict) -> None:
@@ -60,6 +65,7 @@ class SiteReports:
         _require(report, ("validation", "training", *_SITE_FIELDS), site)
         entry = {
             "round": int(round_number),
+            "received_at": time.time(),  # when the server got it: round durations
             "metrics": report["validation"]["metrics"],
             "cases": report["validation"]["cases"],
             "train_loss": report["training"]["loss"],
@@ -71,8 +77,6 @@ class SiteReports:
             document["rounds"] = [r for r in document["rounds"] if r["round"] != entry["round"]]
             document["rounds"].append(entry)
             document["rounds"].sort(key=lambda r: r["round"])
-            names = set(self.contributors.get(int(round_number), [])) | {site}
-            self.contributors[int(round_number)] = sorted(names)
             self._write()
 
     def record_final(self, site: str, report: dict) -> None:
@@ -90,12 +94,32 @@ class SiteReports:
             }
             self._write()
 
+    def record_contributors(self, round_number: int, sites: list[str]) -> None:
+        """Records whose updates went into a round's global model."""
+        with self._lock:
+            self.contributors[int(round_number)] = sorted(sites)
+            self._write()
+
+    def record_refusal(self, site: str, round_number: int, reason: str) -> None:
+        """Records an update that did not go into the global model, and why."""
+        with self._lock:
+            self.refusals.append({"site": site, "round": round_number, "reason": reason})
+            self._write()
+
+    def record_failure(self, message: str) -> None:
+        """Records why the job cannot go on (for the operator, beside NVFlare's status)."""
+        with self._lock:
+            self.failures.append(message)
+            self._write()
+
     def to_dict(self) -> dict:
         """The file's content."""
         return {
             "mode": self.mode,
             "sites": {name: self.sites[name] for name in sorted(self.sites)},
             "round_contributors": {str(r): self.contributors[r] for r in sorted(self.contributors)},
+            "refusals": self.refusals,
+            "failures": self.failures,
         }
 
     def _site(self, site: str, report: dict) -> dict:
@@ -110,12 +134,15 @@ class SiteReports:
         os.replace(temporary, self.path)
 
 
-def read_site_reports(result_dir: Path, sites: list[str] | None = None) -> dict:
+def read_site_reports(result_dir: Path, sites: list[str] | None = None, final: bool = True) -> dict:
     """Reads the server's site reports from a job result and checks they are complete.
 
     Args:
         result_dir: The job's result (downloaded workspace, or the simulator's).
         sites: Sites that must have reported; default every site found.
+        final: Whether the sites of the last round must have validated the final global
+            model (jobs with NVFlare's stock HE filters cannot send it to the sites). A site
+            that dropped out earlier is not asked to; the contributions say so.
 
     Returns:
         The file's content.
@@ -135,19 +162,38 @@ def read_site_reports(result_dir: Path, sites: list[str] | None = None) -> dict:
     documents = content["sites"]
     expected = sorted(sites) if sites is not None else sorted(documents)
     problems = []
+    last_round = last_reported_round(content)
     for site in expected:
         document = documents.get(site)
         if document is None or not document["rounds"]:
             problems.append(f"{site} reported no training round")
-        elif document.get("final") is None:
+        elif final and document["rounds"][-1]["round"] == last_round and not document["final"]:
             problems.append(f"{site} did not validate the final global model")
-        elif not all(_finite_dice(r["metrics"]) for r in [*document["rounds"], document["final"]]):
+        elif not all(
+            _finite_dice(r["metrics"])
+            for r in [*document["rounds"], *filter(None, [document.get("final")])]
+        ):
             problems.append(f"{site} reported non-finite Dice")
     if not expected:
         problems.append("no site reported")
     if problems:
         raise RuntimeError(f"{found[0]}: " + "; ".join(problems) + "; see those sites' logs")
     return content
+
+
+def last_reported_round(content: dict) -> int | None:
+    """The last round any site reported (the sites still in the job at its end)."""
+    rounds = [r["round"] for d in content["sites"].values() for r in d["rounds"]]
+    return max(rounds, default=None)
+
+
+def sites_of_round(content: dict, round_number: int | None) -> list[str]:
+    """The sites that reported a round (with an update or with their refusal)."""
+    return sorted(
+        name
+        for name, document in content["sites"].items()
+        if any(r["round"] == round_number for r in document["rounds"])
+    )
 
 
 def _finite_dice(metrics: dict) -> bool:

@@ -2,13 +2,19 @@
 
 Images are loaded, harmonized (with the job's artifact), reoriented to RAS and resampled to
 the configured spacing; labels become the three BraTS region channels (TC, WT, ET). Training
-uses random crops around tumour and background, DiceCE loss on sigmoid outputs, and mixed
-precision where CUDA is present. Validation runs sliding-window inference on whole volumes
-and reports Dice and HD95 per region and per case.
+uses random crops around tumour and background and DiceCE loss on sigmoid outputs.
+Validation runs sliding-window inference on whole volumes, on the training device, and
+reports Dice and HD95 per region and per case.
+
+On CUDA the configuration adds mixed precision (bf16 autocast, or fp16 with gradient scaling
+where bf16 is missing), cuDNN autotuning, ``torch.compile`` and a training cache that lives on
+the GPU, cropped there and fed by a ``ThreadDataLoader``; channels-last 3D works on any device
+(:func:`plan_acceleration` decides, :meth:`Acceleration.describe` says what was decided).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -17,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, load_decathlon_datalist
+from monai.data import CacheDataset, DataLoader, ThreadDataLoader, load_decathlon_datalist
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_hausdorff_distance
@@ -25,21 +31,78 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    Lambdad,
     LoadImaged,
     RandCropByPosNegLabeld,
     RandFlipd,
     SpatialPadd,
     Transform,
 )
-from monai.utils import set_determinism
+from monai.utils import convert_to_tensor, set_determinism
 
-from fedseg.config import RunConfig
+from fedseg.config import RunConfig, ValidationConfig
 from models.networks import build_network
 from transforms.base import Applyd
 from transforms.regions import REGIONS, LabelsToRegionsd
 from transforms.spatial import CanonicalOrientationd, ResampleToSpacingd
 
 KEYS = ("image", "label")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """How the engine runs on its device, decided once from the configuration.
+
+    Attributes:
+        device: Where the network runs.
+        amp_dtype: Autocast precision (``None``: float32 throughout).
+        channels_last: Network and inputs in the channels-last 3D memory format.
+        compile: Network wrapped in ``torch.compile``.
+        cudnn_benchmark: cuDNN autotuning (not bit-for-bit reproducible).
+        device_cache: Training cache on ``device``, cropped there, ``ThreadDataLoader``.
+        not_applied: Options the configuration asks for that apply on CUDA only.
+    """
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    compile: bool
+    cudnn_benchmark: bool
+    device_cache: bool
+    not_applied: tuple[str, ...] = ()
+
+    @property
+    def grad_scaling(self) -> bool:
+        """Float16 autocast needs gradient scaling; bfloat16 has float32's range."""
+        return self.amp_dtype == torch.float16
+
+    def describe(self) -> str:
+        """One line for logs: device, precision and options."""
+        precision = {
+            None: "float32",
+            torch.bfloat16: "bf16 autocast",
+            torch.float16: "fp16 autocast with gradient scaling",
+        }[self.amp_dtype]
+        options = [precision]
+        if self.channels_last:
+            options.append("channels-last 3D")
+        if self.compile:
+            options.append("torch.compile")
+        if self.cudnn_benchmark:
+            options.append("cuDNN autotuning")
+        options.append(
+            "training cache on the device (ThreadDataLoader)"
+            if self.device_cache
+            else "training cache in host memory (DataLoader)"
+        )
+        text = f"{self.device}: " + ", ".join(options)
+        if self.not_applied:
+            text += f"; not applied on {self.device.type} (CUDA only): " + ", ".join(
+                self.not_applied
+            )
+        return text
 
 
 def select_device(setting: str) -> torch.device:
@@ -55,8 +118,44 @@ def select_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+def plan_acceleration(
+    config: RunConfig, device: torch.device, bf16_supported: bool
+) -> Acceleration:
+    """What of the configuration's performance options applies on ``device``.
+
+    Args:
+        config: Run configuration.
+        device: Where the engine runs.
+        bf16_supported: Whether ``device`` computes in bfloat16 (on CUDA,
+            ``torch.cuda.is_bf16_supported()``).
+
+    Returns:
+        The decisions; CUDA-only options asked for on another device are named in
+        ``not_applied``.
+    """
+    training = config.training
+    cuda = device.type == "cuda"
+    amp_dtype = None
+    if training.amp and cuda:
+        amp_dtype = torch.bfloat16 if bf16_supported else torch.float16
+    requested = {
+        "training.amp": training.amp,
+        "training.compile": training.compile,
+        "training.cudnn_benchmark": training.cudnn_benchmark,
+    }
+    return Acceleration(
+        device=device,
+        amp_dtype=amp_dtype,
+        channels_last=training.channels_last,
+        compile=training.compile and cuda,
+        cudnn_benchmark=training.cudnn_benchmark and cuda,
+        device_cache=config.data.device_cache,
+        not_applied=() if cuda else tuple(name for name, on in requested.items() if on),
+    )
+
+
 def build_transforms(config: RunConfig, harmonization: Transform | None, train: bool) -> Compose:
-    """The pre-processing pipeline.
+    """The pre-processing pipeline, cached in host memory.
 
     Args:
         config: Run configuration.
@@ -66,29 +165,97 @@ def build_transforms(config: RunConfig, harmonization: Transform | None, train: 
     Returns:
         A MONAI ``Compose`` over ``{"image", "label"}`` dictionaries of file paths.
     """
-    steps: list = [LoadImaged(KEYS, image_only=True), EnsureChannelFirstd(KEYS)]
-    if harmonization is not None:
-        steps.append(Applyd("image", harmonization))
-    steps += [
-        CanonicalOrientationd(KEYS),
-        ResampleToSpacingd(KEYS, config.data.spacing, label_keys="label"),
-    ]
+    steps = _preprocessing(config, harmonization)
     if train:
-        roi = config.data.roi_size
-        steps += [
-            SpatialPadd(KEYS, roi),
-            RandCropByPosNegLabeld(
-                KEYS, label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=1
-            ),
-            RandFlipd(KEYS, prob=0.5, spatial_axis=0),
-        ]
+        steps += [SpatialPadd(KEYS, config.data.roi_size), *_random_crops(config)]
     steps += [LabelsToRegionsd("label"), EnsureTyped(KEYS, dtype=torch.float32)]
     return Compose(steps)
 
 
+def build_device_training_transforms(
+    config: RunConfig, harmonization: Transform | None, device: torch.device
+) -> Compose:
+    """The training pipeline with its cache on ``device`` (MONAI's fast-training recipe).
+
+    The same steps and random draws as ``build_transforms(config, harmonization, train=True)``,
+    but the pre-processed (and padded) volumes become plain tensors on ``device`` (image
+    float32, label uint8: about 5 bytes per voxel) before the cache, and the crops, flips and
+    region channels are computed there. Samples come out as plain float32 tensors, without
+    MONAI metadata.
+
+    Args:
+        config: Run configuration.
+        harmonization: Array transform from the harmonization artifact, or ``None``.
+        device: Where the cache lives.
+
+    Returns:
+        A MONAI ``Compose`` over ``{"image", "label"}`` dictionaries of file paths.
+    """
+    to_device = EnsureTyped(
+        KEYS, dtype=(torch.float32, torch.uint8), device=device, track_meta=False
+    )
+    return Compose(
+        [
+            *_preprocessing(config, harmonization),
+            SpatialPadd(KEYS, config.data.roi_size),
+            to_device,
+            *_random_crops(config),
+            Lambdad("label", label_regions),
+            EnsureTyped(KEYS, track_meta=False),  # the crops gained metadata again
+        ]
+    )
+
+
+def label_regions(label: torch.Tensor) -> torch.Tensor:
+    """Region channels (TC, WT, ET) of a ``(1, *spatial)`` label map, on the label's device.
+
+    The device-side twin of :class:`transforms.regions.LabelsToRegions` (which goes through
+    numpy): float32 ``(3, *spatial)``.
+
+    Raises:
+        ValueError: If ``label`` has more than one channel.
+    """
+    if label.shape[0] != 1:
+        raise ValueError(f"expected a one-channel label map, got shape {tuple(label.shape)}")
+    channels = [
+        torch.isin(label, torch.tensor(values, dtype=label.dtype, device=label.device))
+        for values in REGIONS.values()
+    ]
+    return torch.cat(channels).float()
+
+
+def _preprocessing(config: RunConfig, harmonization: Transform | None) -> list[Transform]:
+    """Load, harmonize, reorient, resample: the deterministic steps."""
+    steps: list[Transform] = [LoadImaged(KEYS, image_only=True), EnsureChannelFirstd(KEYS)]
+    if harmonization is not None:
+        steps.append(Applyd("image", harmonization))
+    return [
+        *steps,
+        CanonicalOrientationd(KEYS),
+        ResampleToSpacingd(KEYS, config.data.spacing, label_keys="label"),
+    ]
+
+
+def _random_crops(config: RunConfig) -> list[Transform]:
+    """Crop around tumour or background (volumes padded to the crop size), flip left-right."""
+    roi = config.data.roi_size
+    return [
+        RandCropByPosNegLabeld(
+            KEYS, label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=1
+        ),
+        RandFlipd(KEYS, prob=0.5, spatial_axis=0),
+    ]
+
+
 @dataclass(frozen=True)
 class TrainResult:
-    """One local training round."""
+    """One local training round.
+
+    Attributes:
+        steps: Optimizer steps done.
+        mean_loss: Mean training loss over the steps.
+        seconds: Wall time, until the device finished the last step.
+    """
 
     steps: int
     mean_loss: float
@@ -106,6 +273,22 @@ class CaseMetrics:
     case_id: str
     dice: dict[str, float]
     hd95: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """One validation pass.
+
+    Attributes:
+        cases: Metrics per validation case.
+        seconds: Wall time of the whole pass (inference and metrics).
+        inference_seconds: Sliding-window inference alone, transfers to and from the device
+            included, summed over cases.
+    """
+
+    cases: list[CaseMetrics]
+    seconds: float
+    inference_seconds: float
 
 
 class SegmentationEngine:
@@ -127,15 +310,33 @@ class SegmentationEngine:
     ):
         self.config = config
         self.device = device or select_device(config.training.device)
+        cuda = self.device.type == "cuda"
+        self.acceleration = plan_acceleration(
+            config, self.device, bf16_supported=cuda and torch.cuda.is_bf16_supported()
+        )
+        logger.info("site engine on %s", self.acceleration.describe())
         set_determinism(seed=config.training.seed)
+        if self.acceleration.cudnn_benchmark:  # set_determinism just made cuDNN deterministic
+            torch.backends.cudnn.deterministic = False
+            torch.backends.cudnn.benchmark = True
         datalist = Path(dataset) / "datalist.json"
         self.train_files = load_decathlon_datalist(datalist, data_list_key="training")
         self.validation_files = load_decathlon_datalist(datalist, data_list_key="validation")
         if not self.train_files:
             raise ValueError(f"{datalist}: no labelled training case")
-        self.train_data = self._cached(self.train_files, harmonization, train=True)
-        self.validation_data = self._cached(self.validation_files, harmonization, train=False)
-        self.model = build_network(config.model.name, **config.model.args).to(self.device)
+        if self.acceleration.device_cache:
+            train_transforms = build_device_training_transforms(config, harmonization, self.device)
+        else:
+            train_transforms = build_transforms(config, harmonization, train=True)
+        self.train_data = self._cached(self.train_files, train_transforms)
+        self.validation_data = self._cached(
+            self.validation_files, build_transforms(config, harmonization, train=False)
+        )
+        self.model = build_network(config.model.name, **config.model.args).to(
+            self.device, memory_format=self._memory_format
+        )
+        # The compiled wrapper shares the parameters; weights travel through the plain module.
+        self._network = torch.compile(self.model) if self.acceleration.compile else self.model
         self.loss = DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
         training = config.training
         if training.optimizer == "adamw":
@@ -150,18 +351,27 @@ class SegmentationEngine:
                 nesterov=True,
                 weight_decay=training.weight_decay,
             )
-        self.amp = training.amp and self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.acceleration.grad_scaling)
         self._batches = self._endless_batches()
 
-    def _cached(self, files: list[dict], harmonization, train: bool) -> CacheDataset:
-        """Caches the deterministic part of the pipeline (up to the first random transform)."""
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        if self.acceleration.channels_last:
+            return torch.channels_last_3d
+        return torch.contiguous_format
+
+    def _cached(self, files: list[dict], transforms: Compose) -> CacheDataset:
+        """Caches the deterministic part of the pipeline (up to the first random transform).
+
+        A device cache is not copied per sample: its random steps never write into it.
+        """
         return CacheDataset(
             files,
-            build_transforms(self.config, harmonization, train=train),
+            transforms,
             cache_rate=self.config.data.cache_rate,
             num_workers=self.config.data.num_workers or None,
             progress=False,
+            copy_cache=not self.acceleration.device_cache,
         )
 
     def weights(self) -> dict[str, np.ndarray]:
@@ -179,47 +389,100 @@ class SegmentationEngine:
     def train(self, steps: int) -> TrainResult:
         """Runs ``steps`` optimizer steps on random crops.
 
+        The losses stay on the device until the end, so the host never waits for a step.
+
         Returns:
             Steps done, mean loss and wall time.
+
+        Raises:
+            ValueError: If ``steps`` is below 1.
         """
-        self.model.train()
-        start, losses = time.perf_counter(), []
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        start = time.perf_counter()
+        total = torch.zeros((), device=self.device)
         for _ in range(steps):
             batch = next(self._batches)
-            image = batch["image"].to(self.device)
-            label = batch["label"].to(self.device)
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                loss = self.loss(self.model(image), label)
-            loss.backward()
-            self.optimizer.step()
-            losses.append(float(loss.detach()))
-        return TrainResult(steps, float(np.mean(losses)), time.perf_counter() - start)
+            total += self.step(batch["image"], batch["label"])
+        mean_loss = float(total) / steps
+        return TrainResult(steps, mean_loss, time.perf_counter() - start)
+
+    def step(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch, in the planned precision and memory format.
+
+        Args:
+            image: ``(batch, channels, *spatial)`` images.
+            label: ``(batch, 3, *spatial)`` region channels.
+
+        Returns:
+            The batch's loss, detached and still on the device.
+        """
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(self._forward(self._on_device(image)).float(), self._on_device(label))
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
 
     @torch.no_grad()
-    def validate(self) -> list[CaseMetrics]:
+    def validate(self) -> ValidationResult:
         """Dice and HD95 per region for every validation case (whole-volume inference)."""
-        self.model.eval()
-        results = []
+        start, inference, cases = time.perf_counter(), 0.0, []
         for item, files in zip(self.validation_data, self.validation_files, strict=True):
-            image = item["image"][None].to(self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                logits = sliding_window_inference(
-                    image,
-                    self.config.data.roi_size,
-                    self.config.validation.sw_batch_size,
-                    self.model,
-                    overlap=self.config.validation.overlap,
-                )
-            prediction = (torch.sigmoid(logits.float()) > 0.5)[0].cpu()
+            began = time.perf_counter()
+            prediction = self.predict(item["image"])
+            inference += time.perf_counter() - began
             reference = item["label"].bool().cpu()
-            results.append(
+            cases.append(
                 region_metrics(_case_id(files), prediction, reference, self.config.data.spacing)
             )
-        return results
+        return ValidationResult(cases, time.perf_counter() - start, inference)
+
+    @torch.no_grad()
+    def predict(
+        self, image: torch.Tensor, validation: ValidationConfig | None = None
+    ) -> torch.Tensor:
+        """Region masks of one pre-processed image, by sliding-window inference on the device.
+
+        Args:
+            image: ``(channels, *spatial)`` image, pre-processed like the validation data.
+            validation: Sliding-window settings to use instead of the configuration's (for
+                tuning them).
+
+        Returns:
+            ``(3, *spatial)`` boolean region masks on the CPU.
+        """
+        settings = validation or self.config.validation
+        self.model.eval()
+        logits = sliding_window_inference(
+            self._on_device(image)[None],
+            self.config.data.roi_size,
+            settings.sw_batch_size,
+            self._forward,
+            overlap=settings.overlap,
+            mode=settings.mode,
+        )
+        return (torch.sigmoid(logits.float()) > 0.5)[0].cpu()
+
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A plain tensor (no MONAI metadata, which every network operation would carry)."""
+        return convert_to_tensor(tensor, device=self.device, track_meta=False)
+
+    def _forward(self, image: torch.Tensor) -> torch.Tensor:
+        """The network on a batch, in the planned memory format and precision."""
+        acceleration = self.acceleration
+        with torch.autocast(
+            self.device.type,
+            dtype=acceleration.amp_dtype,
+            enabled=acceleration.amp_dtype is not None,
+        ):
+            return self._network(image.contiguous(memory_format=self._memory_format))
 
     def _endless_batches(self) -> Iterator[dict]:
-        loader = DataLoader(
+        # With a device cache, a thread prepares the next batch while the device trains.
+        loader_type = ThreadDataLoader if self.acceleration.device_cache else DataLoader
+        loader = loader_type(
             self.train_data,
             batch_size=self.config.training.batch_size,
             shuffle=True,

@@ -23,6 +23,7 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
+from tenseal.tensors.ckksvector import CKKSVector
 
 from fedseg.he_context import CLIENT_CONTEXT_FILE, load_provisioned_keys
 from fedseg.messages import (
@@ -30,6 +31,7 @@ from fedseg.messages import (
     PACKED_ALGORITHM,
     PACKED_KEY,
     PURPOSE_META_KEY,
+    REFUSED_META_KEY,
     REPORT_META_KEY,
 )
 from fedseg.packed_ckks import decrypt_model, encrypt_update
@@ -44,6 +46,7 @@ DECLARED_META_KEYS = frozenset(
         MetaKey.FILTER_HISTORY,  # names of the filters applied
         REPORT_META_KEY,
         PURPOSE_META_KEY,
+        REFUSED_META_KEY,  # why a site sent no update
     }
 )
 #: The site's audit log, in its run folder: one JSON line per outgoing message.
@@ -66,8 +69,8 @@ class _ProvisionedKeys:
         self._keys = None
 
 
-class PackedHEEncryptor(DXOFilter):
-    """Task-result filter: encrypts a site's model, weighted by its training steps.
+class _SiteKeysFilter(DXOFilter):
+    """A filter of model weights that uses the site's provisioned keys (loaded once per run).
 
     Args:
         tenseal_context_file: The site's provisioned context.
@@ -84,6 +87,14 @@ class PackedHEEncryptor(DXOFilter):
         """Forgets the keys at the end of a run."""
         if event_type == EventType.END_RUN:
             self._keys.forget()
+
+
+class PackedHEEncryptor(_SiteKeysFilter):
+    """Task-result filter: encrypts a site's model, weighted by its training steps.
+
+    Args:
+        tenseal_context_file: The site's provisioned context.
+    """
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         """Replaces the weights by their packed encryption.
@@ -109,7 +120,7 @@ class PackedHEEncryptor(DXOFilter):
         return DXO(DataKind.WEIGHTS, {PACKED_KEY: blob}, meta)
 
 
-class PackedHEDecryptor(DXOFilter):
+class PackedHEDecryptor(_SiteKeysFilter):
     """Task-data filter: decrypts an encrypted global model and divides by its weight.
 
     Only the initial model of the first round may arrive in plaintext (it was never trained).
@@ -117,18 +128,6 @@ class PackedHEDecryptor(DXOFilter):
     Args:
         tenseal_context_file: The site's provisioned context.
     """
-
-    def __init__(self, tenseal_context_file: str = CLIENT_CONTEXT_FILE):
-        super().__init__(
-            supported_data_kinds=[DataKind.WEIGHTS], data_kinds_to_filter=[DataKind.WEIGHTS]
-        )
-        self.tenseal_context_file = tenseal_context_file
-        self._keys = _ProvisionedKeys(tenseal_context_file)
-
-    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        """Forgets the keys at the end of a run."""
-        if event_type == EventType.END_RUN:
-            self._keys.forget()
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         """Decrypts the global model.
@@ -219,11 +218,18 @@ def undeclared_content(dxo: DXO) -> list[str]:
 def _describe(value) -> dict:
     if isinstance(value, bytes | bytearray):
         return {"type": "bytes", "bytes": len(value)}
+    if isinstance(value, CKKSVector):  # NVFlare's stock filters; it sends the context with each
+        return {
+            "type": "CKKSVector",
+            "bytes": len(value.serialize()),
+            "context_bytes": len(value.context().serialize()),
+        }
     if isinstance(value, np.ndarray) or hasattr(value, "numel"):
         array = np.asarray(value)
         return {
             "type": type(value).__name__,
             "elements": int(array.size),
             "dtype": str(array.dtype),
+            "bytes": int(array.nbytes),
         }
     return {"type": type(value).__name__}

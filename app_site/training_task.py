@@ -12,6 +12,7 @@ in its working folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -26,9 +27,14 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from app_site.engine import CaseMetrics, SegmentationEngine
 from app_site.site_config import site_dataset
-from fedseg.config import load_config
+from fedseg.config import ConfigError, RunConfig, load_config
 from fedseg.harmonization import artifact_transform, read_harmonization_artifact
-from fedseg.messages import FINAL_VALIDATION, PURPOSE_META_KEY, REPORT_META_KEY
+from fedseg.messages import (
+    FINAL_VALIDATION,
+    PURPOSE_META_KEY,
+    REFUSED_META_KEY,
+    REPORT_META_KEY,
+)
 
 RUN_CONFIG_FILE = "fedseg_run.yaml"
 ARTIFACT_FILE = "fedseg_harmonization.json"
@@ -46,6 +52,71 @@ def summarize(cases: list[CaseMetrics]) -> dict[str, float]:
         summary[f"hd95_{region}"] = float(np.mean(distances)) if distances else float("nan")
     summary["dice_mean"] = float(np.mean([summary[f"dice_{r}"] for r in ("TC", "WT", "ET")]))
     return summary
+
+
+def update_problem(
+    received: dict[str, np.ndarray], trained: dict[str, np.ndarray], max_ratio: float
+) -> str | None:
+    """Why a locally trained model must not be sent, or ``None`` when it may.
+
+    Refused: non-finite values, and an update (trained minus received) whose norm exceeds
+    ``max_ratio`` times the received model's norm (a diverged or corrupted training).
+    """
+    bad = sorted(name for name, values in trained.items() if not np.all(np.isfinite(values)))
+    if bad:
+        return f"non-finite values after training in {', '.join(bad[:3])}"
+    floats = [n for n, v in trained.items() if np.asarray(v).dtype.kind == "f"]
+    update = np.sqrt(sum(float(np.sum((trained[n] - received[n]) ** 2.0)) for n in floats))
+    reference = np.sqrt(
+        sum(float(np.sum(np.asarray(received[n], np.float64) ** 2)) for n in floats)
+    )
+    if update > max_ratio * reference:
+        return (
+            f"update norm {update:.3g} is over {max_ratio:g} times the global model's "
+            f"({reference:.3g}); training diverged"
+        )
+    return None
+
+
+def load_job_config(job_folder: Path, manifest: dict) -> RunConfig:
+    """The job's run configuration, verified against the hash the job was built with.
+
+    Raises:
+        ConfigError: If the site's copy was altered (its hash differs from the job's).
+    """
+    path = job_folder / RUN_CONFIG_FILE
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != manifest.get("run_config_hash"):
+        raise ConfigError(
+            f"{path}: this site's copy of the run configuration was altered (hash {digest[:12]}, "
+            f"the job's {str(manifest.get('run_config_hash'))[:12]}); refusing to train: "
+            "export and submit the job again"
+        )
+    return load_config(path)
+
+
+def check_fits(engine: SegmentationEngine, weights: dict[str, np.ndarray]) -> None:
+    """Refuses a global model that is not the job's network (names and shapes).
+
+    Raises:
+        ValueError: Naming the first differences.
+    """
+    own = {k: tuple(v.shape) for k, v in engine.model.state_dict().items()}
+    received = {k: tuple(np.shape(v)) for k, v in weights.items()}
+    problems = [f"missing {k}" for k in sorted(own.keys() - received.keys())]
+    problems += [f"unexpected {k}" for k in sorted(received.keys() - own.keys())]
+    problems += [
+        f"{k}: {received[k]} instead of {own[k]}"
+        for k in sorted(own.keys() & received.keys())
+        if own[k] != received[k]
+    ]
+    if problems:
+        raise ValueError(
+            "the global model does not fit this job's network ("
+            + "; ".join(problems[:5])
+            + (" ..." if len(problems) > 5 else "")
+            + "): the model and the run configuration disagree; refusing to train"
+        )
 
 
 def locate_job_folder(script_folder: Path) -> Path:
@@ -76,7 +147,7 @@ def run(script_folder: Path) -> None:
     flare.init()
     site = flare.get_site_name()
     manifest = json.loads((job_folder / JOB_MANIFEST_FILE).read_text())
-    config = load_config(job_folder / RUN_CONFIG_FILE)
+    config = load_job_config(job_folder, manifest)
     harmonization = None
     if manifest.get("harmonization_hash"):
         artifact = read_harmonization_artifact(
@@ -98,27 +169,34 @@ def run(script_folder: Path) -> None:
         if flare.is_submit_model():  # carries no weights: send this site's local model
             flare.send(FLModel(params=_tensors(engine.weights())))
             continue
-        engine.load_weights({k: np.asarray(v) for k, v in task.params.items()})
+        received = {k: np.asarray(v) for k, v in task.params.items()}
+        check_fits(engine, received)
+        engine.load_weights(received)
         if flare.is_train():
-            cases = engine.validate()
+            cases = engine.validate().cases
             trained = engine.train(config.training.local_steps)
             metrics = summarize(cases)
             report = record.round(task.current_round, metrics, cases, trained)
+            weights = engine.weights()
+            meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: trained.steps, REPORT_META_KEY: report}
+            refusal = update_problem(received, weights, config.federation.max_update_ratio)
+            if refusal:  # nothing of the broken model leaves the site
+                record.refusal(task.current_round, refusal)
+                meta[REFUSED_META_KEY] = refusal
+                flare.send(FLModel(metrics=metrics, current_round=task.current_round, meta=meta))
+                continue
             # Full weights here; the job's transfer type or HE filters decide what travels.
             flare.send(
                 FLModel(
-                    params=_tensors(engine.weights()),
+                    params=_tensors(weights),
                     params_type=ParamsType.FULL,
                     metrics=metrics,
                     current_round=task.current_round,
-                    meta={
-                        FLMetaKey.NUM_STEPS_CURRENT_ROUND: trained.steps,
-                        REPORT_META_KEY: report,
-                    },
+                    meta=meta,
                 )
             )
         elif flare.is_evaluate():
-            cases = engine.validate()
+            cases = engine.validate().cases
             metrics = summarize(cases)
             if (task.meta or {}).get(PURPOSE_META_KEY) == FINAL_VALIDATION:
                 report = record.final(metrics, cases)
@@ -180,6 +258,11 @@ class _SiteRecord:
 
     def _site_fields(self) -> dict:
         return {key: self.document[key] for key in ("device", "data", "harmonization_hash")}
+
+    def refusal(self, round_number, reason: str) -> None:
+        """Records that this round's update was not sent, and why."""
+        self.document.setdefault("refused", []).append({"round": round_number, "reason": reason})
+        self._write()
 
     def evaluation(self, metrics, cases) -> None:
         # Which model was evaluated is known to the server (its cross-site matrix), not here.

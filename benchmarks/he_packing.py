@@ -38,7 +38,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from app_server.federation import prepare  # noqa: E402
-from benchmarks.he_pipelines import packed_round, stock_round, write_section  # noqa: E402
+from benchmarks.he_pipelines import packed_round, stock_round  # noqa: E402
+from benchmarks.markdown import write_section  # noqa: E402
 from fedseg.config import load_config  # noqa: E402
 from models.networks import build_network  # noqa: E402
 
@@ -192,7 +193,7 @@ def main() -> None:
         )
     if not args.quick:
         (HERE / "results" / "he_packing.json").write_text(json.dumps(report, indent=2) + "\n")
-        write_section(HERE / "he.md", "he_packing", markdown(report))
+        write_section(HERE / "he.md", "he_packing", markdown(report), "Homomorphic encryption")
     summary = {k: v for k, v in report["models"][-1].items() if k not in ("stock", "packed")}
     print(json.dumps({**summary, "models": report["models"]}))
 

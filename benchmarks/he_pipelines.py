@@ -24,6 +24,7 @@ from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.model import ModelLearnable, make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import (
@@ -42,7 +43,7 @@ from nvflare.fuel.sec.security_content_service import (
 )
 from nvflare.fuel.utils import fobs
 
-from app_server.packed_he import PackedHEAggregator
+from app_server.aggregation import PackedHEAggregator
 from app_site.he_filters import PackedHEDecryptor, PackedHEEncryptor
 
 
@@ -94,23 +95,10 @@ def packed_round(
         models,
         steps,
         encryptor=PackedHEEncryptor,
-        aggregator=PackedHEAggregator,
+        aggregator=lambda: PackedHEAggregator(min_sites=len(models)),
         generator=FullModelShareableGenerator,
         decryptor=PackedHEDecryptor,
     )
-
-
-def write_section(path: Path, name: str, text: str) -> None:
-    """Replaces (or appends) the section ``name`` of a markdown file shared by benchmarks."""
-    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
-    content = Path(path).read_text() if Path(path).is_file() else "# Homomorphic encryption\n"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in content:
-        head, rest = content.split(begin, 1)
-        content = head + block + rest.split(end, 1)[1]
-    else:
-        content = content.rstrip() + "\n\n" + block + "\n"
-    Path(path).write_text(content)
 
 
 def _round(kits, models, steps, encryptor, aggregator, generator, decryptor) -> RoundMeasurement:
@@ -179,6 +167,8 @@ def _participant(kits: Path, name: str):
         str(kits / name / "startup")
     )
     fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.ENGINE, LocalEngine(kits / name), private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, "benchmark", private=False, sticky=False)
     fl_ctx.set_prop(FLContextKey.SECURE_MODE, True, private=True, sticky=False)
     fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, name, private=False, sticky=False)
     fl_ctx.set_peer_context(_peer("server" if name != "server" else "site-1"))
@@ -186,6 +176,32 @@ def _participant(kits: Path, name: str):
         yield fl_ctx
     finally:
         SecurityContentService.security_content_manager = previous
+
+
+class LocalEngine:
+    """What components ask of a participant's engine outside NVFlare: workspace, sites, events.
+
+    Args:
+        root: The participant's workspace (a startup kit, or an empty folder).
+        clients: Names of the federation's sites.
+    """
+
+    def __init__(self, root: Path, clients: Sequence[str] = ()):
+        for folder in ("startup", "local"):
+            (Path(root) / folder).mkdir(parents=True, exist_ok=True)
+        self.workspace = Workspace(str(root))
+        self.clients = [type("Client", (), {"name": name})() for name in clients]
+
+    def get_workspace(self) -> Workspace:
+        """The participant's workspace."""
+        return self.workspace
+
+    def get_clients(self) -> list:
+        """The federation's sites."""
+        return self.clients
+
+    def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """Events have no listeners in a single-round measurement."""
 
 
 def _peer(name: str) -> FLContext:

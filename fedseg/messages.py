@@ -6,6 +6,8 @@ REPORT_META_KEY = "fedseg_report"
 PURPOSE_META_KEY = "fedseg_purpose"
 #: Its value for the validation of the final global model.
 FINAL_VALIDATION = "final_validation"
+#: Meta key of a site's result that carries no update, saying why the site refused to send it.
+REFUSED_META_KEY = "fedseg_refused"
 #: Marks packed CKKS payloads (``MetaKey.PROCESSED_ALGORITHM``).
 PACKED_ALGORITHM = "fedseg-packed-ckks"
 #: The one key of a packed payload in a DXO's data.

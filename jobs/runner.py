@@ -20,7 +20,7 @@ from nvflare.recipe.spec import Recipe
 
 from app_server.federation import Federation, download_job, submit_job, wait_for_job
 from app_server.report import write_reports
-from app_server.site_reports import read_site_reports
+from app_server.site_reports import SITE_REPORTS_FILE, read_site_reports
 from app_site.harmonization import dataset_modality
 from app_site.site_config import site_dataset, site_environment_variable
 from fedseg.config import RunConfig
@@ -114,18 +114,18 @@ def run_job(
     harmonization_artifact = _harmonization_for(
         config, harmonization_artifact, lambda: fit_harmonization(config, datasets, workdir)
     )
-    recipe = segmentation_recipe(config, harmonization_artifact, sites=len(datasets))
+    recipe = segmentation_recipe(config, harmonization_artifact)
     simulation = workdir / "simulation"
     with site_environment(datasets) as names:
         run = recipe.execute(
             SimEnv(num_clients=len(datasets), workspace_root=str(simulation), log_config="WARNING")
         )
         result = Path(run.get_result())
-    return write_job_reports(result, workdir / "report", names, cross_site=True)
+    return write_job_reports(result, workdir / "report", names, encryption="none")
 
 
 def write_job_reports(
-    result: Path, report_dir: Path, sites: Sequence[str], cross_site: bool
+    result: Path, report_dir: Path, sites: Sequence[str], encryption: str
 ) -> Path:
     """Checks a finished job's results and writes the reports from them.
 
@@ -133,7 +133,8 @@ def write_job_reports(
         result: The job's result folder (simulator workspace or downloaded job).
         report_dir: Where the reports go.
         sites: Sites that must have reported.
-        cross_site: Whether the job ran cross-site evaluation (plaintext jobs).
+        encryption: How the job's updates travelled: plaintext jobs also ran cross-site
+            evaluation; jobs with NVFlare's stock HE filters ran no final validation.
 
     Returns:
         ``report_dir``.
@@ -142,8 +143,8 @@ def write_job_reports(
         RuntimeError: If any site's validation results are missing: a job whose validation
             results are empty fails, whatever status NVFlare reported.
     """
-    collected = read_site_reports(result, list(sites))
-    matrix = read_cross_site_results(result, sites) if cross_site else None
+    collected = read_site_reports(result, list(sites), final=encryption != "stock")
+    matrix = read_cross_site_results(result, sites) if encryption == "none" else None
     write_reports(report_dir, collected, matrix)
     return Path(report_dir)
 
@@ -249,11 +250,9 @@ def run_in_federation(
         return target
 
     harmonization_artifact = _harmonization_for(config, harmonization_artifact, fit)
-    recipe = segmentation_recipe(
-        config, harmonization_artifact, encryption=encryption, sites=len(sites)
-    )
+    recipe = segmentation_recipe(config, harmonization_artifact, encryption=encryption)
     result = submit_and_fetch(federation, recipe, workdir / "segmentation", on_poll)
-    return write_job_reports(result, workdir / "report", sites, cross_site=encryption == "none")
+    return write_job_reports(result, workdir / "report", sites, encryption)
 
 
 def submit_and_fetch(
@@ -277,11 +276,18 @@ def submit_and_fetch(
     meta = wait_for_job(federation, job_id, lambda m: on_poll and on_poll(name, m))
     result = download_job(federation, job_id, folder / "result")
     if meta["status"] != "FINISHED:COMPLETED":
+        reasons = "; ".join(job_failure_reasons(result)) or "no reason recorded"
         raise RuntimeError(
-            f"job {name} ({job_id}) ended {meta['status']}; the server's log is in {result}, "
-            "the sites' logs in their startup kits"
+            f"job {name} ({job_id}) ended {meta['status']} ({reasons}); the server's log is in "
+            f"{result}, the sites' logs in their startup kits"
         )
     return result
+
+
+def job_failure_reasons(result: Path) -> list[str]:
+    """Why a job failed, as its components recorded it (too few sites, refusals...)."""
+    found = sorted(Path(result).rglob(SITE_REPORTS_FILE))
+    return json.loads(found[0].read_text()).get("failures", []) if found else []
 
 
 def _federation_modality(federation: Federation) -> str:

@@ -6,7 +6,8 @@ Three ways for the updates to travel, chosen with ``encryption``:
   training steps, as one packed CKKS vector (:mod:`fedseg.packed_ckks`); the server adds
   ciphertexts it cannot decrypt and persists only the encrypted global model; sites decrypt.
 - ``stock``: NVFlare's own HE filters (``FedAvgRecipeWithHE``), kept for comparison.
-- ``none``: plaintext FedAvg with cross-site evaluation of the final models (the simulator).
+- ``none``: plaintext FedAvg (weight differences; the server refuses non-finite and outlier
+  updates) with cross-site evaluation of the final models.
 
 In every mode each site validates the global model it receives before training, declares its
 metrics with its update, and validates the final global model after the last round (not with
@@ -16,6 +17,7 @@ gathers these reports into ``fedseg_site_reports.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -28,8 +30,9 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import (
     FullModelShareableGenerator,
 )
+from nvflare.app_common.widgets.validation_json_generator import ValidationJsonGenerator
+from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
-from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
 from nvflare.client.config import ExchangeFormat, TransferType
 from nvflare.fuel.utils.constants import FrameworkType
@@ -37,9 +40,9 @@ from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 from nvflare.job_config.script_runner import ScriptRunner
 from nvflare.recipe.spec import Recipe
-from nvflare.recipe.utils import add_cross_site_evaluation
 
-from app_server.packed_he import ENCRYPTED_MODEL_FILE, EncryptedModelPersistor, PackedHEAggregator
+from app_server.aggregation import PackedHEAggregator, PlaintextAggregator
+from app_server.global_model import GlobalModelLocator, GlobalModelPersistor
 from app_server.report_collector import FinalValidation, SiteReportFilter
 from app_site.he_filters import OutgoingAudit, PackedHEDecryptor, PackedHEEncryptor
 from app_site.training_task import ARTIFACT_FILE, JOB_MANIFEST_FILE, RUN_CONFIG_FILE
@@ -77,7 +80,7 @@ def segmentation_recipe(
             no harmonization.
         encryption: ``packed``, ``stock`` or ``none`` (see the module docstring).
         name: Job name.
-        sites: Sites that must train in every round; default ``training.min_sites``.
+        sites: Fewest sites whose updates make a round; default ``training.min_sites``.
 
     Returns:
         The recipe (execute it in an NVFlare environment, or export it).
@@ -107,53 +110,21 @@ def segmentation_recipe(
 
 
 def _plaintext_recipe(config: RunConfig, name: str, min_sites: int, initial_model: Path) -> Recipe:
-    recipe = FedAvgRecipe(
-        name=name,
-        model=_model_spec(config),
-        initial_ckpt=os.path.relpath(initial_model),  # relative: bundled with the job
-        min_clients=min_sites,
-        num_rounds=config.training.rounds,
-        train_script=str(CLIENT_SCRIPT),
-        key_metric="dice_mean",
-        key_metric_mode="max",
-        params_transfer_type=TransferType.DIFF,
+    job = _scatter_and_gather(config, name, min_sites, initial_model, encrypted=False)
+    job.to_clients(_script_runner(TransferType.DIFF))
+    job.to_clients(
+        OutgoingAudit(), tasks=[_TRAIN, _VALIDATE, _SUBMIT], filter_type=FilterType.TASK_RESULT
     )
-    recipe._job.to_server(  # workflows run in order: training, final validation, evaluation
-        FinalValidation(persistor_id="persistor", model_name="FL_global_model.pt", mode="plaintext")
-    )
-    recipe.add_client_output_filter(OutgoingAudit(), tasks=[_TRAIN, _VALIDATE, _SUBMIT])
-    # Every site also validates the other sites' local models and the best global model.
-    add_cross_site_evaluation(recipe)
-    return recipe
+    # Then every site validates every site's local model and the global one.
+    locator = job.to_server(GlobalModelLocator(persistor_id="persistor"), id="locator")
+    job.to_server(ValidationJsonGenerator())
+    job.to_server(CrossSiteModelEval(model_locator_id=locator))
+    return Recipe(job)
 
 
 def _packed_he_recipe(config: RunConfig, name: str, min_sites: int, initial_model: Path) -> Recipe:
-    job = FedJob(name=name, min_clients=min_sites)
-    job.add_file_to(str(initial_model), SERVER_SITE_NAME)
-    persistor = job.to_server(EncryptedModelPersistor(INITIAL_MODEL_FILE), id="persistor")
-    generator = job.to_server(FullModelShareableGenerator(), id="shareable_generator")
-    aggregator = job.to_server(PackedHEAggregator(), id="aggregator")
-    job.to_server(
-        ScatterAndGather(
-            min_clients=min_sites,
-            num_rounds=config.training.rounds,
-            wait_time_after_min_received=0,
-            aggregator_id=aggregator,
-            persistor_id=persistor,
-            shareable_generator_id=generator,
-        )
-    )
-    job.to_server(
-        FinalValidation(persistor_id=persistor, model_name=ENCRYPTED_MODEL_FILE, mode="he-packed")
-    )
-    job.to_clients(
-        ScriptRunner(
-            script=str(CLIENT_SCRIPT),
-            framework=FrameworkType.PYTORCH,
-            server_expected_format=ExchangeFormat.NUMPY,
-            params_transfer_type=TransferType.FULL,
-        )
-    )
+    job = _scatter_and_gather(config, name, min_sites, initial_model, encrypted=True)
+    job.to_clients(_script_runner(TransferType.FULL))
     job.to_clients(PackedHEDecryptor(), tasks=[_TRAIN, _VALIDATE], filter_type=FilterType.TASK_DATA)
     # Result filters run in order: encrypt, then audit what actually leaves.
     job.to_clients(PackedHEEncryptor(), tasks=[_TRAIN], filter_type=FilterType.TASK_RESULT)
@@ -162,6 +133,58 @@ def _packed_he_recipe(config: RunConfig, name: str, min_sites: int, initial_mode
             OutgoingAudit(require_encrypted=True), tasks=tasks, filter_type=FilterType.TASK_RESULT
         )
     return Recipe(job)
+
+
+def _scatter_and_gather(
+    config: RunConfig, name: str, min_sites: int, initial_model: Path, encrypted: bool
+) -> FedJob:
+    """Server side shared by the plaintext and packed jobs: rounds, then final validation.
+
+    Every connected site gets each round's task; the round goes on once ``min_sites`` updates
+    arrived and the others had ``federation.straggler_seconds`` more, and fails after
+    ``federation.round_timeout`` with fewer (see :mod:`app_server.aggregation`).
+    """
+    mode = MODE_NAMES["packed" if encrypted else "none"]
+    job = FedJob(name=name, min_clients=min_sites)
+    job.add_file_to(str(initial_model), SERVER_SITE_NAME)
+    persistor = GlobalModelPersistor(INITIAL_MODEL_FILE, encrypted=encrypted)
+    job.to_server(persistor, id="persistor")
+    job.to_server(FullModelShareableGenerator(), id="shareable_generator")
+    if encrypted:
+        aggregator = PackedHEAggregator(min_sites)
+    else:
+        aggregator = PlaintextAggregator(min_sites, config.federation.outlier_factor)
+    job.to_server(aggregator, id="aggregator")
+    job.to_server(
+        ScatterAndGather(
+            min_clients=min_sites,
+            num_rounds=config.training.rounds,
+            wait_time_after_min_received=config.federation.straggler_seconds,
+            train_timeout=config.federation.round_timeout,
+            ignore_result_error=True,  # a failing site is a missing update, not the end
+            aggregator_id="aggregator",
+            persistor_id="persistor",
+            shareable_generator_id="shareable_generator",
+        )
+    )
+    job.to_server(
+        FinalValidation(
+            persistor_id="persistor",
+            model_name=persistor.file_name,
+            mode=mode,
+            timeout=config.federation.round_timeout,
+        )
+    )
+    return job
+
+
+def _script_runner(transfer: TransferType) -> ScriptRunner:
+    return ScriptRunner(
+        script=str(CLIENT_SCRIPT),
+        framework=FrameworkType.PYTORCH,
+        server_expected_format=ExchangeFormat.NUMPY,
+        params_transfer_type=transfer,
+    )
 
 
 def _stock_he_recipe(config: RunConfig, name: str, min_sites: int, initial_model: Path) -> Recipe:
@@ -195,7 +218,10 @@ def _write_initial_model(config: RunConfig, path: Path) -> Path:
 
 def _job_files(config: RunConfig, harmonization_artifact: Path | None, staging: Path) -> list:
     (staging / RUN_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    manifest = {"harmonization_hash": None}
+    manifest = {
+        "run_config_hash": hashlib.sha256((staging / RUN_CONFIG_FILE).read_bytes()).hexdigest(),
+        "harmonization_hash": None,
+    }
     if harmonization_artifact is not None:
         artifact = json.loads(Path(harmonization_artifact).read_text())
         manifest["harmonization_hash"] = artifact["hash"]

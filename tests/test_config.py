@@ -12,6 +12,19 @@ def test_profiles_load_and_round_trip(profile):
     assert config_from_dict(config.to_dict()) == config
 
 
+def test_gpu_options_default_off_and_the_gpu_profile_turns_them_on():
+    defaults = config_from_dict({})
+    assert not defaults.data.device_cache and defaults.validation.mode == "constant"
+    assert not (defaults.training.channels_last or defaults.training.compile)
+    assert not defaults.training.cudnn_benchmark
+    tiny, gpu = load_config("tiny"), load_config("gpu")  # tiny: the CPU path as it was
+    assert not (tiny.data.device_cache or tiny.training.channels_last or tiny.training.compile)
+    assert not (tiny.training.amp or tiny.training.cudnn_benchmark)
+    assert tiny.validation.mode == "constant"
+    assert gpu.data.device_cache and gpu.training.amp and gpu.training.cudnn_benchmark
+    assert gpu.validation.mode == "gaussian" and gpu.model.args["in_channels"] == 1
+
+
 def test_a_yaml_file_overrides_defaults(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"training": {"rounds": 7, "learning_rate": 0.01}}))
@@ -33,6 +46,17 @@ def test_a_yaml_file_overrides_defaults(tmp_path):
         ({"model": {"name": "vnet"}}, "model.name must be one of"),
         ({"training": {"device": "tpu"}}, "training.device must be auto, cpu or cuda"),
         ({"harmonization": {"method": "histogram"}}, "harmonization.method must be"),
+        ({"training": {"compile": "yes"}}, "training.compile must be true or false"),
+        ({"training": {"channels_last": 1}}, "training.channels_last must be true or false"),
+        ({"training": {"cudnn_benchmark": None}},
+         "training.cudnn_benchmark must be true or false"),
+        ({"training": {"compiled": True}}, "unknown key training.compiled "
+         "(did you mean training.compile?)"),
+        ({"data": {"device_cache": "gpu"}}, "data.device_cache must be true or false"),
+        ({"data": {"num_workers": -1}}, "data.num_workers must be at least 0"),
+        ({"validation": {"mode": "linear"}}, "validation.mode must be constant or gaussian"),
+        ({"validation": {"sw_batch_size": 0}}, "validation.sw_batch_size must be at least 1"),
+        ({"validation": {"overlap": 1.0}}, "validation.overlap must be in [0, 1)"),
     ],
 )  # fmt: skip
 def test_invalid_configurations_name_the_problem(document, message):

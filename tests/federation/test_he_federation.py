@@ -17,7 +17,7 @@ import tenseal as ts
 import torch
 
 from app_server import federation as poc
-from app_server.packed_he import ENCRYPTED_MODEL_FILE
+from app_server.global_model import ENCRYPTED_MODEL_FILE
 from app_site.he_filters import AUDIT_FILE, DECLARED_META_KEYS
 from fedseg.config import load_config
 from fedseg.messages import PACKED_KEY
@@ -147,7 +147,7 @@ def test_every_update_left_its_site_as_ciphertext_plus_declared_metadata(federat
     server_log = "".join(
         p.read_text() for p in (federation_run["he"] / "segmentation" / "result").rglob("log.txt")
     )
-    assert server_log.count("encrypted update added") == 3 * 2
+    assert server_log.count("update added (round") == 3 * 2
 
 
 def test_the_server_context_holds_no_secret_key(federation_run):

@@ -93,9 +93,9 @@ def test_a_site_refuses_an_altered_artifact(datasets, tmp_path, job_run):
 @pytest.mark.parametrize(
     ("encryption", "components"),
     [
-        ("packed", ["PackedHEAggregator", "EncryptedModelPersistor", "PackedHEEncryptor"]),
+        ("packed", ["PackedHEAggregator", "GlobalModelPersistor", "PackedHEEncryptor"]),
         ("stock", ["HEInTimeAccumulateWeightedAggregator", "HEModelEncryptor"]),
-        ("none", ["models.networks.SmallUNet", "CrossSiteModelEval"]),
+        ("none", ["PlaintextAggregator", "GlobalModelLocator", "CrossSiteModelEval"]),
     ],
 )
 def test_exported_job_folder(tmp_path, job_run, encryption, components):

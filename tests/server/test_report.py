@@ -47,6 +47,7 @@ def collected(*documents) -> dict:
         "mode": "he-packed",
         "sites": {d["site"]: d for d in documents},
         "round_contributors": {"0": [d["site"] for d in documents], "1": [documents[0]["site"]]},
+        "refusals": [{"site": "site-2", "round": 1, "reason": "refused at the site: diverged"}],
     }
 
 
@@ -79,6 +80,7 @@ def test_reports_hold_the_numbers_and_nothing_else(tmp_path):
     page = (tmp_path / "federation.html").read_text()
     assert "site-2" in page and "Contributions per round" in page
     assert page.count("<td>no</td>") == 1  # site-2 did not contribute to round 1
+    assert "Refused updates" in page and "refused at the site: diverged" in page
 
 
 def test_without_a_final_validation_the_last_round_is_summarized(tmp_path):

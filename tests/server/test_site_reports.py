@@ -20,7 +20,7 @@ SITE = {"device": "cpu", "data": {"training_cases": 3}, "harmonization_hash": "a
 def round_report(loss=1.0):
     return {
         **SITE,
-        "validation": {"metrics": METRICS, "cases": CASES},
+        "validation": {"metrics": dict(METRICS), "cases": CASES},
         "training": {"loss": loss, "steps": 8, "seconds": 1.5},
     }
 
@@ -32,9 +32,15 @@ def test_rounds_and_final_validation_make_one_document_per_site(tmp_path):
     store.record_round("site-2", 0, round_report())
     store.record_round("site-2", 1, round_report(0.4))  # a repeated round replaces, never doubles
     store.record_final("site-2", {**SITE, "validation": {"metrics": METRICS, "cases": CASES}})
+    store.record_contributors(0, ["site-2", "site-1"])
+    store.record_refusal("site-1", 1, "refused at the site: non-finite values")
+    store.record_contributors(1, ["site-2"])
     content = json.loads((tmp_path / SITE_REPORTS_FILE).read_text())
     assert content["mode"] == "he-packed"
     assert content["round_contributors"] == {"0": ["site-1", "site-2"], "1": ["site-2"]}
+    assert content["refusals"] == [
+        {"site": "site-1", "round": 1, "reason": "refused at the site: non-finite values"}
+    ]
     site_2 = content["sites"]["site-2"]
     assert [r["round"] for r in site_2["rounds"]] == [0, 1]
     assert site_2["rounds"][1]["train_loss"] == 0.4
@@ -76,6 +82,14 @@ def test_missing_or_broken_results_fail_loudly(tmp_path, change, message):
     else:
         with pytest.raises(RuntimeError, match=message):
             read_site_reports(tmp_path, ["site-1", "site-2"])
+
+
+def test_a_job_without_final_validation_is_read_when_told(tmp_path):
+    store = SiteReports(tmp_path / SITE_REPORTS_FILE, "he-stock")
+    store.record_round("site-1", 0, round_report())
+    with pytest.raises(RuntimeError, match="did not validate the final"):
+        read_site_reports(tmp_path, ["site-1"])
+    assert read_site_reports(tmp_path, ["site-1"], final=False)["mode"] == "he-stock"
 
 
 def test_no_reports_at_all_fail_loudly(tmp_path):

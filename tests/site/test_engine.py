@@ -1,23 +1,55 @@
-"""The site engine on a real (simulated, ingested) dataset, on the CPU."""
+"""The site engine on a real (simulated, ingested) dataset, on the CPU (and CUDA when present).
 
+CUDA-only decisions are pure functions of the configuration and the device, checked here for
+a CUDA device without needing one; the engine tests run on whatever device is available.
+"""
+
+import dataclasses
+import logging
 import math
 
 import numpy as np
 import pytest
 import torch
+from monai.data import load_decathlon_datalist
 
-from app_site.engine import SegmentationEngine, region_metrics, select_device
+from app_site.engine import (
+    SegmentationEngine,
+    ValidationResult,
+    build_device_training_transforms,
+    build_transforms,
+    label_regions,
+    plan_acceleration,
+    region_metrics,
+    select_device,
+)
 from app_site.harmonization import site_statistics
-from fedseg.config import load_config
+from fedseg.config import RunConfig, load_config
 from fedseg.harmonization import HarmonizationConfig, artifact_transform, combine_statistics
+from transforms.regions import LabelsToRegions
+
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def engine(datasets):
-    config = load_config("tiny")
+def harmonization(datasets):
     stats = site_statistics(datasets["site-1"], HarmonizationConfig(min_images=2))
     artifact = combine_statistics(HarmonizationConfig(min_images=2), {"site-1": stats}, "MR")
-    return SegmentationEngine(config, datasets["site-1"], artifact_transform(artifact))
+    return artifact_transform(artifact)
+
+
+@pytest.fixture(scope="module")
+def engine(datasets, harmonization):
+    return SegmentationEngine(load_config("tiny"), datasets["site-1"], harmonization)
+
+
+def variant(config: RunConfig, **sections: dict) -> RunConfig:
+    """``config`` with some keys of some sections replaced."""
+    changes = {
+        name: dataclasses.replace(getattr(config, name), **keys) for name, keys in sections.items()
+    }
+    return dataclasses.replace(config, **changes)
 
 
 def test_training_lowers_the_loss(engine):
@@ -29,8 +61,10 @@ def test_training_lowers_the_loss(engine):
 
 
 def test_validation_gives_metrics_per_region_and_case(engine):
-    results = engine.validate()
+    validation = engine.validate()
+    results = validation.cases
     assert len(results) == len(engine.validation_files) >= 1
+    assert 0.0 < validation.inference_seconds <= validation.seconds
     for case in results:
         assert set(case.dice) == {"TC", "WT", "ET"}
         assert all(0.0 <= value <= 1.0 for value in case.dice.values())
@@ -68,3 +102,125 @@ def test_device_selection():
             select_device("cuda")
         assert select_device("auto").type == "cpu"
     assert select_device("cpu").type == "cpu"
+
+
+def test_training_refuses_zero_steps(engine):
+    with pytest.raises(ValueError, match="steps must be at least 1, got 0"):
+        engine.train(0)
+
+
+def test_plan_on_cuda_uses_bf16_where_supported_else_fp16_with_scaling():
+    config = variant(load_config("gpu"), training={"compile": True, "channels_last": True})
+    bf16 = plan_acceleration(config, CUDA, bf16_supported=True)
+    assert bf16.amp_dtype == torch.bfloat16 and not bf16.grad_scaling
+    assert bf16.compile and bf16.cudnn_benchmark and bf16.device_cache and bf16.channels_last
+    assert bf16.not_applied == ()
+    assert bf16.describe() == (
+        "cuda: bf16 autocast, channels-last 3D, torch.compile, cuDNN autotuning, "
+        "training cache on the device (ThreadDataLoader)"
+    )
+    fp16 = plan_acceleration(config, CUDA, bf16_supported=False)
+    assert fp16.amp_dtype == torch.float16 and fp16.grad_scaling
+    assert fp16.describe().startswith("cuda: fp16 autocast with gradient scaling")
+    plain = plan_acceleration(variant(config, training={"amp": False}), CUDA, True)
+    assert plain.amp_dtype is None and not plain.grad_scaling
+
+
+def test_plan_on_cpu_names_the_cuda_only_options_it_leaves_out():
+    config = variant(load_config("gpu"), training={"compile": True, "channels_last": True})
+    plan = plan_acceleration(config, CPU, bf16_supported=False)
+    assert plan.amp_dtype is None and not plan.compile and not plan.cudnn_benchmark
+    assert plan.channels_last and plan.device_cache  # both work on any device
+    assert plan.describe() == (
+        "cpu: float32, channels-last 3D, training cache on the device (ThreadDataLoader); "
+        "not applied on cpu (CUDA only): training.amp, training.compile, "
+        "training.cudnn_benchmark"
+    )
+    tiny = plan_acceleration(load_config("tiny"), CPU, bf16_supported=False)
+    assert tiny.describe() == "cpu: float32, training cache in host memory (DataLoader)"
+
+
+def test_label_regions_matches_the_numpy_transform():
+    label = torch.tensor([0, 1, 2, 3, 3, 0], dtype=torch.uint8).reshape(1, 6, 1, 1)
+    expected = LabelsToRegions()(label.float())
+    regions = label_regions(label)
+    assert regions.dtype == torch.float32 and regions.shape == (3, 6, 1, 1)
+    np.testing.assert_array_equal(regions.numpy(), np.asarray(expected))
+    with pytest.raises(ValueError, match="one-channel label map"):
+        label_regions(torch.zeros(2, 4, 4, 4))
+
+
+def test_device_pipeline_draws_the_same_crops_as_the_host_pipeline(datasets, harmonization):
+    config = load_config("tiny")
+    files = load_decathlon_datalist(datasets["site-1"] / "datalist.json", data_list_key="training")
+    host = build_transforms(config, harmonization, train=True).set_random_state(seed=3)
+    device = build_device_training_transforms(config, harmonization, CPU).set_random_state(seed=3)
+    for item in files:
+        (expected,) = host(item)
+        (actual,) = device(item)
+        assert type(actual["image"]) is torch.Tensor  # no metadata on the device path
+        assert actual["image"].shape == (1, *config.data.roi_size)
+        for key in ("image", "label"):
+            assert actual[key].dtype == torch.float32
+            np.testing.assert_array_equal(actual[key].numpy(), expected[key].numpy())
+
+
+@pytest.mark.parametrize(
+    ("channels_last", "device_cache", "mode"),
+    [(True, False, "constant"), (False, True, "gaussian"), (True, True, "gaussian")],
+)
+def test_engine_options_train_and_validate(datasets, channels_last, device_cache, mode):
+    config = variant(
+        load_config("tiny"),
+        data={"device_cache": device_cache},
+        training={"channels_last": channels_last, "compile": False},
+        validation={"mode": mode},
+    )
+    engine = SegmentationEngine(config, datasets["site-2"], device=CPU)
+    assert engine.acceleration.channels_last is channels_last
+    assert engine.acceleration.device_cache is device_cache
+    trained = engine.train(3)
+    assert trained.steps == 3 and math.isfinite(trained.mean_loss) and trained.seconds > 0
+    validation = engine.validate()
+    assert isinstance(validation, ValidationResult)
+    assert len(validation.cases) == len(engine.validation_files)
+    weights = engine.weights()
+    assert all(v.flags.c_contiguous for v in weights.values())  # whatever the memory format
+    engine.load_weights(weights)
+    for key, value in engine.weights().items():
+        np.testing.assert_array_equal(value, weights[key])
+
+
+def test_predict_takes_other_sliding_window_settings(engine):
+    image = engine.validation_data[0]["image"]
+    for settings in (
+        dataclasses.replace(engine.config.validation, mode="gaussian", overlap=0.5),
+        dataclasses.replace(engine.config.validation, sw_batch_size=1, overlap=0.0),
+    ):
+        masks = engine.predict(image, settings)
+        assert masks.dtype == torch.bool and masks.shape == (3, *image.shape[1:])
+        assert masks.device == CPU
+
+
+def test_gpu_settings_run_on_the_available_device(datasets, caplog):
+    """The gpu profile's options at tiny size: CUDA paths on a GPU host, CPU fallbacks here."""
+    caplog.set_level(logging.INFO, logger="app_site.engine")
+    config = variant(
+        load_config("tiny"),
+        data={"device_cache": True},
+        training={"amp": True, "cudnn_benchmark": True, "channels_last": True, "device": "auto"},
+        validation={"mode": "gaussian"},
+    )
+    engine = SegmentationEngine(config, datasets["site-3"])
+    device = select_device("auto")
+    assert engine.device.type == device.type
+    cuda = device.type == "cuda"
+    assert engine.acceleration == plan_acceleration(
+        config, engine.device, bf16_supported=cuda and torch.cuda.is_bf16_supported()
+    )
+    assert (engine.acceleration.amp_dtype is not None) is cuda
+    assert f"site engine on {engine.acceleration.describe()}" in caplog.messages
+    assert torch.backends.cudnn.benchmark is cuda
+    trained = engine.train(2)
+    assert math.isfinite(trained.mean_loss)
+    assert len(engine.validate().cases) == len(engine.validation_files)

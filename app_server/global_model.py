@@ -1,0 +1,127 @@
+"""The server's global model: persisted after every round, found again after a restart.
+
+:class:`GlobalModelPersistor` starts from the job's initial model and keeps the latest global
+model in the server's app folder: in an encrypted job only as the packed ciphertext (it refuses
+anything else, so no trained weight is ever written in plaintext), in a plaintext job as a
+PyTorch state dict. :class:`GlobalModelLocator` hands that model to NVFlare's cross-site
+evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model import ModelLearnable, make_model_learnable
+from nvflare.app_common.abstract.model_locator import ModelLocator
+from nvflare.app_common.abstract.model_persistor import ModelPersistor
+from nvflare.app_common.model_desc import ModelDescriptor
+
+from fedseg.messages import PACKED_ALGORITHM, PACKED_KEY
+from fedseg.packed_ckks import PackedMessage
+
+#: The persisted global model, in the server's app folder.
+ENCRYPTED_MODEL_FILE = "FL_global_model.fedseg-ckks"
+PLAINTEXT_MODEL_FILE = "FL_global_model.pt"
+
+
+class GlobalModelPersistor(ModelPersistor):
+    """Keeps the global model; the initial model (untrained) is never written.
+
+    Args:
+        initial_checkpoint: File name of the initial model (a PyTorch state dict) in the
+            server app's custom folder.
+        encrypted: Whether the job's models are packed ciphertext (then nothing else is saved).
+    """
+
+    def __init__(self, initial_checkpoint: str, encrypted: bool):
+        super().__init__()
+        self.initial_checkpoint = initial_checkpoint
+        self.encrypted = encrypted
+
+    @property
+    def file_name(self) -> str:
+        """The persisted model's file name."""
+        return ENCRYPTED_MODEL_FILE if self.encrypted else PLAINTEXT_MODEL_FILE
+
+    def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
+        """The last saved global model, or else the initial model."""
+        saved = self.get_model(self.file_name, fl_ctx)
+        if saved is not None:
+            self.log_info(fl_ctx, f"going on from the saved global model {self.file_name}")
+            return saved
+        path = _app_root(fl_ctx) / "custom" / self.initial_checkpoint
+        return make_model_learnable(_read_state(path), {})
+
+    def save_model(self, model_learnable: ModelLearnable, fl_ctx: FLContext) -> None:
+        """Writes the global model atomically.
+
+        Raises:
+            ValueError: In an encrypted job, if the model is not a packed encrypted aggregate.
+        """
+        weights = model_learnable.get("weights") or {}
+        path = _app_root(fl_ctx) / self.file_name
+        temporary = path.with_name(f".tmp-{path.name}")
+        if self.encrypted:
+            if set(weights) != {PACKED_KEY}:
+                raise ValueError("refusing to persist a model that is not encrypted")
+            PackedMessage.from_bytes(weights[PACKED_KEY])  # a well-formed packed message
+            temporary.write_bytes(weights[PACKED_KEY])
+        else:
+            torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}, temporary)
+        os.replace(temporary, path)
+
+    def get_model_inventory(self, fl_ctx: FLContext) -> dict[str, ModelDescriptor]:
+        """The saved global model, once there is one."""
+        path = _app_root(fl_ctx) / self.file_name
+        if not path.is_file():
+            return {}
+        model_format = PACKED_ALGORITHM if self.encrypted else "pytorch"
+        return {path.name: ModelDescriptor(path.name, str(path), model_format, {})}
+
+    def get_model(self, model_file: str, fl_ctx: FLContext) -> ModelLearnable | None:
+        """The saved global model named ``model_file``, or ``None``."""
+        path = _app_root(fl_ctx) / self.file_name
+        if model_file != path.name or not path.is_file():
+            return None
+        if self.encrypted:
+            return make_model_learnable({PACKED_KEY: path.read_bytes()}, {})
+        return make_model_learnable(_read_state(path), {})
+
+
+class GlobalModelLocator(ModelLocator):
+    """Finds the saved plaintext global model for NVFlare's cross-site evaluation.
+
+    Args:
+        persistor_id: The job's :class:`GlobalModelPersistor`.
+    """
+
+    def __init__(self, persistor_id: str):
+        super().__init__()
+        self.persistor_id = persistor_id
+
+    def get_model_names(self, fl_ctx: FLContext) -> list[str]:
+        """The global model's name, once it was saved."""
+        return list(self._persistor(fl_ctx).get_model_inventory(fl_ctx))
+
+    def locate_model(self, model_name: str, fl_ctx: FLContext) -> DXO | None:
+        """The model's weights, or ``None`` when there is no such model."""
+        learnable = self._persistor(fl_ctx).get_model(model_name, fl_ctx)
+        return DXO(DataKind.WEIGHTS, learnable["weights"]) if learnable else None
+
+    def _persistor(self, fl_ctx: FLContext) -> GlobalModelPersistor:
+        return fl_ctx.get_engine().get_component(self.persistor_id)
+
+
+def _app_root(fl_ctx: FLContext) -> Path:
+    return Path(fl_ctx.get_prop(FLContextKey.APP_ROOT))
+
+
+def _read_state(path: Path) -> dict[str, np.ndarray]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {name: tensor.numpy() for name, tensor in state.items()}
