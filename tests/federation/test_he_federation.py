@@ -9,7 +9,11 @@ for comparison; then the federation is stopped by its process ids.
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ import torch
 
 from app_server import federation as poc
 from app_server.global_model import ENCRYPTED_MODEL_FILE
+from app_server.site_reports import read_site_reports
 from app_site.he_filters import AUDIT_FILE, DECLARED_META_KEYS
 from fedseg.config import load_config
 from fedseg.messages import PACKED_KEY
@@ -43,6 +48,9 @@ def federation_run(datasets, tmp_path_factory):
         plaintext = run_in_federation(
             federation, config, root / "plain", root / "he" / "harmonization.json", "none"
         )
+        console = submit_through_the_admin_console(
+            federation, root / "console", root / "he" / "harmonization.json"
+        )
     finally:
         poc.stop(federation)
         if saved_home is None:
@@ -61,7 +69,35 @@ def federation_run(datasets, tmp_path_factory):
         "he": root / "he",
         "plain": root / "plain",
         "reports": (encrypted, plaintext),
+        "console": console,
     }
+
+
+def submit_through_the_admin_console(federation, folder, artifact):
+    """``fedseg job export``, then ``submit_job`` and ``download_job`` typed into fl_admin."""
+    fedseg = str(Path(sys.executable).with_name("fedseg"))
+    exported = subprocess.run(
+        [fedseg, "job", "export", "--config", "tiny", "--out", str(folder / "job"),
+         "--harmonization", str(artifact)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    job = next((folder / "job").rglob("meta.json")).parent
+    admin = federation.kit(federation.admin) / "startup" / "fl_admin.sh"
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def console(*commands):
+        script = "\n".join([*commands, "bye"]) + "\n"
+        return subprocess.run(
+            ["bash", str(admin)], input=script, capture_output=True, text=True, timeout=300,
+            env=environment,
+        ).stdout  # fmt: skip
+
+    submitted = console(f"submit_job {job}")
+    job_id = re.search(r"Submitted job: ([0-9a-f-]{36})", submitted).group(1)
+    meta = poc.wait_for_job(federation, job_id, timeout=900)
+    downloaded = console(f"download_job {job_id}")
+    return {"export": exported.stdout, "job_id": job_id, "status": meta["status"],
+            "download": downloaded}  # fmt: skip
 
 
 def site_documents(report_dir):
@@ -180,3 +216,15 @@ def test_the_federation_stopped_by_process_id_and_left_home_alone(federation_run
             os.killpg(pid, 0)
     assert poc.running_processes(federation_run["federation"]) == {}
     assert list(federation_run["home"].iterdir()) == []
+
+
+def test_the_exported_job_runs_when_typed_into_the_admin_console(federation_run):
+    console = federation_run["console"]
+    assert "submit_job" in console["export"]
+    assert console["status"] == "FINISHED:COMPLETED"
+    federation = federation_run["federation"]
+    transfer = federation.kit(federation.admin) / "transfer" / console["job_id"]
+    assert transfer.is_dir(), console["download"]
+    collected = read_site_reports(transfer, federation.sites)
+    assert collected["mode"] == "he-packed"
+    assert collected["round_contributors"] == {"0": federation.sites, "1": federation.sites}
