@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with FedAvg on encrypted updates through the admin API, download the results and "
         "write the reports.",
     )
-    demo.add_argument("--config", default="tiny", help="run configuration (default: tiny)")
+    demo.add_argument("--config", default="demo", help="run configuration (default: demo)")
     demo.add_argument(
         "--workdir", type=Path, default=Path("demo_workdir"), help="where everything is written"
     )

@@ -6,7 +6,7 @@ import yaml
 from fedseg.config import ConfigError, config_from_dict, load_config
 
 
-@pytest.mark.parametrize("profile", ["tiny", "gpu"])
+@pytest.mark.parametrize("profile", ["tiny", "demo", "gpu"])
 def test_profiles_load_and_round_trip(profile):
     config = load_config(profile)
     assert config_from_dict(config.to_dict()) == config
