@@ -301,7 +301,9 @@ def wait_for_job(
     Args:
         federation: The federation.
         job_id: The job.
-        on_poll: Called with the job's meta after every poll (for progress output).
+        on_poll: Called with the job's meta after every poll (for progress output); while
+            the job trains, ``meta["progress"]`` holds the round, the number of rounds and
+            the sites the round still waits for.
         timeout: Seconds (0: no limit).
         poll_interval: Seconds between polls.
 
@@ -316,6 +318,8 @@ def wait_for_job(
         while True:
             meta = session.get_job_meta(job_id)
             if on_poll:
+                if meta.get("status") == "RUNNING":
+                    meta["progress"] = _round_progress(session, job_id)
                 on_poll(meta)
             if meta.get("status") in FINISHED_STATES:
                 return meta
@@ -334,6 +338,22 @@ def download_job(federation: Federation, job_id: str, destination: Path) -> Path
     destination.mkdir(parents=True, exist_ok=True)
     with admin_session(federation) as session:
         return Path(session.download_job_result(job_id, str(destination)))
+
+
+def _round_progress(session, job_id: str) -> dict | None:
+    """The training workflow's round and the sites it waits for, from the server's stats."""
+    try:
+        stats = session.show_stats(job_id, "server").get("server", {})
+    except Exception:  # progress is best effort: the job may be ending
+        return None
+    workflow = stats.get("ScatterAndGather")
+    if not workflow or workflow.get("phase") != "train":
+        return None
+    return {
+        "round": workflow.get("current_round"),
+        "rounds": workflow.get("num_rounds"),
+        "waiting_for": sorted(workflow.get("tasks", {}).get("train", [])),
+    }
 
 
 def _project(project: dict, sites: int, encryption: str) -> dict:

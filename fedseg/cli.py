@@ -465,6 +465,9 @@ def submit_with_progress(
 
     def on_poll(name: str, meta: dict) -> None:
         state = meta.get("status", "?")
+        progress = meta.get("progress")
+        if progress:
+            state += f", round {progress['round'] + 1} of {progress['rounds']}"
         if seen.get(name) != state:
             seen[name] = state
             console.print(f"  job {name} ({meta.get('job_id', '?')[:8]}): {state}")

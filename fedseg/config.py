@@ -137,7 +137,7 @@ class RunConfig:
 
 
 def load_config(source: str | Path) -> RunConfig:
-    """Loads a configuration from a YAML file or a built-in profile name (``tiny``, ``demo``, ``gpu``).
+    """Loads a configuration from a YAML file or a built-in profile (``tiny``, ``demo``, ``gpu``).
 
     Args:
         source: Path to a YAML file, or a profile name.
