@@ -189,11 +189,12 @@ class PlaintextAggregator(_RoundAggregator):
         return refused
 
     def _result(self, fl_ctx: FLContext) -> Shareable:
-        total = sum(weight for _, weight in self._updates.values())
-        names = next(iter(self._updates.values()))[0].keys()
+        # Summed in site order, not arrival order: the same updates give the same global model.
+        updates = [self._updates[site] for site in sorted(self._updates)]
+        total = sum(weight for _, weight in updates)
         mean = {
-            name: sum(update[name] * weight for update, weight in self._updates.values()) / total
-            for name in names
+            name: sum(update[name] * weight for update, weight in updates) / total
+            for name in updates[0][0]
         }
         return DXO(DataKind.WEIGHT_DIFF, mean).to_shareable()
 

@@ -38,7 +38,7 @@ from nvflare.lighter.provision import prepare_project
 from nvflare.lighter.provisioner import Provisioner
 from nvflare.lighter.utils import update_storage_locations
 
-from app_site.site_config import SITE_CONFIG_FILE
+from app_site.site_config import SITE_CONFIG_FILE, shared_host_threads
 
 #: The project definition this module provisions from.
 PROJECT_TEMPLATE = Path(__file__).resolve().parents[1] / "poc_workspace" / "project.yml"
@@ -193,6 +193,7 @@ def start(
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
+    site_environment = {**environment, **shared_host_threads(len(federation.sites))}
     for name in names:
         kit = federation.kit(name)
         with open(kit / "fedseg_stdout.log", "ab") as log:
@@ -201,7 +202,7 @@ def start(
                 cwd=kit,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=environment,
+                env=environment if name == server else site_environment,
                 start_new_session=True,
             )
         processes[name] = process.pid

@@ -40,7 +40,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor, set_determinism
 
-from fedseg.config import RunConfig, ValidationConfig
+from fedseg.config import RunConfig, ValidationConfig, scheduled_learning_rate
 from models.networks import build_network
 from transforms.base import Applyd
 from transforms.regions import REGIONS, LabelsToRegionsd
@@ -386,10 +386,16 @@ class SegmentationEngine:
         state = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
         self.model.load_state_dict(state, strict=True)
 
-    def train(self, steps: int) -> TrainResult:
+    def train(self, steps: int, first_step: int = 0, total_steps: int | None = None) -> TrainResult:
         """Runs ``steps`` optimizer steps on random crops.
 
         The losses stay on the device until the end, so the host never waits for a step.
+
+        Args:
+            steps: Optimizer steps to make now.
+            first_step: Steps the run made before these (a site in round r of a federation:
+                ``r * local_steps``); places them on the learning-rate schedule.
+            total_steps: Steps in the whole run; default ``rounds * local_steps``.
 
         Returns:
             Steps done, mean loss and wall time.
@@ -399,9 +405,14 @@ class SegmentationEngine:
         """
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        training = self.config.training
+        total_steps = total_steps or training.rounds * training.local_steps
         start = time.perf_counter()
         total = torch.zeros((), device=self.device)
-        for _ in range(steps):
+        for index in range(first_step, first_step + steps):
+            rate = scheduled_learning_rate(training, index, total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = rate
             batch = next(self._batches)
             total += self.step(batch["image"], batch["label"])
         mean_loss = float(total) / steps
@@ -482,10 +493,14 @@ class SegmentationEngine:
     def _endless_batches(self) -> Iterator[dict]:
         # With a device cache, a thread prepares the next batch while the device trains.
         loader_type = ThreadDataLoader if self.acceleration.device_cache else DataLoader
+        # The engine's own generator: sites training as threads of one process (NVFlare's
+        # simulator) would otherwise draw their shuffles from one global generator, in
+        # whatever order the threads run.
         loader = loader_type(
             self.train_data,
             batch_size=self.config.training.batch_size,
             shuffle=True,
+            generator=torch.Generator().manual_seed(self.config.training.seed),
             num_workers=0,
             drop_last=False,
         )

@@ -174,7 +174,8 @@ def run(script_folder: Path) -> None:
         engine.load_weights(received)
         if flare.is_train():
             cases = engine.validate().cases
-            trained = engine.train(config.training.local_steps)
+            steps = config.training.local_steps
+            trained = engine.train(steps, first_step=task.current_round * steps)
             metrics = summarize(cases)
             report = record.round(task.current_round, metrics, cases, trained)
             weights = engine.weights()

@@ -298,8 +298,9 @@ def fedseg_worker(spec: dict) -> dict:
         "acceleration": engine.acceleration.describe(),
         "cache_seconds": time.perf_counter() - start,
     }
-    engine.train(settings.warmup_steps)
-    trained = engine.train(settings.steps)
+    run_steps = settings.warmup_steps + settings.steps
+    engine.train(settings.warmup_steps, total_steps=run_steps)
+    trained = engine.train(settings.steps, first_step=settings.warmup_steps, total_steps=run_steps)
     result["train"] = {
         **throughput(trained.steps, trained.seconds, batch, settings.roi),
         "mean_loss": trained.mean_loss,

@@ -22,7 +22,7 @@ from app_server.federation import Federation, download_job, submit_job, wait_for
 from app_server.report import write_reports
 from app_server.site_reports import SITE_REPORTS_FILE, read_site_reports
 from app_site.harmonization import dataset_modality
-from app_site.site_config import site_dataset, site_environment_variable
+from app_site.site_config import shared_host_threads, site_dataset, site_environment_variable
 from fedseg.config import RunConfig
 from fedseg.harmonization import HarmonizationConfig, read_harmonization_artifact
 from jobs.harmonization import HarmonizationRecipe, find_artifact
@@ -36,12 +36,16 @@ def site_names(count: int) -> list[str]:
 
 @contextmanager
 def site_environment(datasets: Sequence[Path]):
-    """Points each simulated site at its dataset for the duration of a run."""
+    """Points each simulated site at its dataset for the duration of a run.
+
+    The sites also share the machine's cores (:func:`shared_host_threads`).
+    """
     names = site_names(len(datasets))
     variables = {
         site_environment_variable(n): str(Path(d).resolve())
         for n, d in zip(names, datasets, strict=True)
     }
+    variables.update(shared_host_threads(len(datasets)))
     saved = {k: os.environ.get(k) for k in variables}
     os.environ.update(variables)
     try:

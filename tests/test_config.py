@@ -3,7 +3,13 @@ import re
 import pytest
 import yaml
 
-from fedseg.config import ConfigError, config_from_dict, load_config
+from fedseg.config import (
+    ConfigError,
+    TrainingConfig,
+    config_from_dict,
+    load_config,
+    scheduled_learning_rate,
+)
 
 
 @pytest.mark.parametrize("profile", ["tiny", "demo", "gpu"])
@@ -57,11 +63,34 @@ def test_a_yaml_file_overrides_defaults(tmp_path):
         ({"validation": {"mode": "linear"}}, "validation.mode must be constant or gaussian"),
         ({"validation": {"sw_batch_size": 0}}, "validation.sw_batch_size must be at least 1"),
         ({"validation": {"overlap": 1.0}}, "validation.overlap must be in [0, 1)"),
+        ({"training": {"lr_schedule": "cosine"}},
+         "training.lr_schedule must be one of poly, constant"),
     ],
 )  # fmt: skip
 def test_invalid_configurations_name_the_problem(document, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         config_from_dict(document, "run.yaml")
+
+
+@pytest.mark.parametrize(
+    ("schedule", "step", "total", "rate"),
+    [
+        ("constant", 0, 10, 0.01),
+        ("constant", 9, 10, 0.01),
+        ("poly", 0, 10, 0.01),
+        ("poly", 5, 10, 0.01 * 0.5**0.9),
+        ("poly", 9, 10, 0.01 * 0.1**0.9),
+        ("poly", 12, 10, 0.0),  # past the end: clamped, never negative
+    ],
+)
+def test_the_learning_rate_follows_the_schedule(schedule, step, total, rate):
+    training = TrainingConfig(learning_rate=0.01, lr_schedule=schedule)
+    assert scheduled_learning_rate(training, step, total) == pytest.approx(rate, abs=1e-15)
+
+
+def test_a_schedule_needs_a_length():
+    with pytest.raises(ValueError, match="total_steps must be at least 1"):
+        scheduled_learning_rate(TrainingConfig(), 0, 0)
 
 
 def test_missing_profile(tmp_path):

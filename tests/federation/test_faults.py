@@ -117,6 +117,20 @@ def test_the_server_refuses_non_finite_and_outlier_updates_in_a_plaintext_job(tm
         aggregator.aggregate(fl_ctx)
 
 
+def test_the_global_model_does_not_depend_on_the_order_updates_arrive_in(tmp_path):
+    rng = np.random.default_rng(1)
+    updates = {f"site-{n}": {"w": rng.normal(size=4096).astype(np.float32)} for n in (1, 2, 3)}
+    means = []
+    for order in (("site-1", "site-2", "site-3"), ("site-3", "site-1", "site-2")):
+        aggregator = PlaintextAggregator(min_sites=3, outlier_factor=10.0)
+        fl_ctx = server_context(tmp_path / "-".join(order))
+        aggregator.reset(fl_ctx)
+        for site in order:
+            assert submit(aggregator, fl_ctx, site, updates[site], steps=int(site[-1]) + 2)
+        means.append(from_shareable(aggregator.aggregate(fl_ctx)).data["w"])
+    assert means[0].tobytes() == means[1].tobytes()
+
+
 def run_exported(job, datasets, workspace):
     """Runs an exported job folder in NVFlare's simulator (real processes)."""
     environment = {**os.environ}

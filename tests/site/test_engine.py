@@ -7,6 +7,7 @@ a CUDA device without needing one; the engine tests run on whatever device is av
 import dataclasses
 import logging
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from app_site.engine import (
     select_device,
 )
 from app_site.harmonization import site_statistics
-from fedseg.config import RunConfig, load_config
+from fedseg.config import RunConfig, load_config, scheduled_learning_rate
 from fedseg.harmonization import HarmonizationConfig, artifact_transform, combine_statistics
 from transforms.regions import LabelsToRegions
 
@@ -58,6 +59,33 @@ def test_training_lowers_the_loss(engine):
         last = engine.train(6)
     assert first.steps == 6 and math.isfinite(first.mean_loss)
     assert last.mean_loss < first.mean_loss
+
+
+def test_training_is_reproducible_when_sites_share_a_process(datasets):
+    """NVFlare's simulator runs sites as threads of one process: each must train the same."""
+    config = load_config("tiny")
+    start = SegmentationEngine(config, datasets["site-1"], device=CPU).weights()
+
+    def train(results: list) -> None:
+        engine = SegmentationEngine(config, datasets["site-1"], device=CPU)
+        engine.load_weights(start)
+        engine.train(4, first_step=2, total_steps=8)
+        results.append((engine.weights(), engine.optimizer.param_groups[0]["lr"]))
+
+    alone: list = []
+    train(alone)
+    together: list = []
+    threads = [threading.Thread(target=train, args=(together,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        torch.rand(64)  # another user of the process-wide generator
+    for thread in threads:
+        thread.join()
+    (weights, rate), *_ = alone
+    assert rate == pytest.approx(scheduled_learning_rate(config.training, 5, 8))
+    for other, _ in together:
+        assert all(np.array_equal(weights[key], other[key]) for key in weights)
 
 
 def test_validation_gives_metrics_per_region_and_case(engine):
