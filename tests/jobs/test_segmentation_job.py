@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedseg.config import load_config
 from jobs.runner import export_job
@@ -73,6 +74,24 @@ def test_the_job_used_the_federated_harmonization_artifact(job_run):
     for path in (workdir / "report").glob("site-*.json"):
         assert json.loads(path.read_text())["harmonization_hash"] == artifact["hash"]
     assert list((workdir / "simulation").rglob("FL_global_model.pt")), "global model persisted"
+
+
+def test_the_same_run_gives_the_same_global_model_bit_for_bit(datasets, tmp_path, job_run):
+    workdir, _ = job_run
+    sites = [str(datasets[name]) for name in ("site-1", "site-2", "site-3")]
+    again = subprocess.run(
+        [FEDSEG, "job", "run", "--config", str(workdir / "run.yaml"),
+         *[a for s in sites for a in ("--site", s)], "--workdir", str(tmp_path),
+         "--harmonization", str(workdir / "harmonization.json")],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    first, second = (
+        torch.load(next(w.rglob("app_server/FL_global_model.pt")), weights_only=True)
+        for w in (workdir / "simulation", tmp_path / "simulation")
+    )
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
 
 
 def test_a_site_refuses_an_altered_artifact(datasets, tmp_path, job_run):
