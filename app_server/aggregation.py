@@ -153,9 +153,10 @@ class PlaintextAggregator(_RoundAggregator):
         super().__init__(min_sites, mode)
         self.outlier_factor = outlier_factor
         self._updates: dict[str, tuple[dict[str, np.ndarray], float]] = {}
+        self._dtypes: dict[str, dict[str, np.dtype]] = {}  # each update's precision
 
     def _start_round(self, fl_ctx: FLContext) -> None:
-        self._updates = {}
+        self._updates, self._dtypes = {}, {}
 
     def _add(self, site: str, dxo: DXO, fl_ctx: FLContext) -> str | None:
         if dxo.data_kind != DataKind.WEIGHT_DIFF:
@@ -168,6 +169,7 @@ class PlaintextAggregator(_RoundAggregator):
         if bad:
             return f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
         self._updates[site] = (update, float(steps))
+        self._dtypes[site] = {k: np.asarray(v).dtype for k, v in dxo.data.items()}
         return None
 
     def _finish(self, fl_ctx: FLContext) -> list[tuple[str, str]]:
@@ -193,7 +195,9 @@ class PlaintextAggregator(_RoundAggregator):
         updates = [self._updates[site] for site in sorted(self._updates)]
         total = sum(weight for _, weight in updates)
         mean = {
-            name: sum(update[name] * weight for update, weight in updates) / total
+            name: (sum(update[name] * weight for update, weight in updates) / total).astype(
+                np.result_type(*(self._dtypes[site][name] for site in self._updates))
+            )  # summed in float64, kept in the sites' precision
             for name in updates[0][0]
         }
         return DXO(DataKind.WEIGHT_DIFF, mean).to_shareable()

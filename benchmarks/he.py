@@ -179,8 +179,11 @@ def markdown(report: dict) -> str:
         "| mode | round time | vs plaintext | upload per site per round | vs plaintext | "
         "server peak memory | job wall time | final mean Dice per site |\n"
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n" + "\n".join(rows) + "\n\n"
-        "All sites share two CPU cores here, so round time is dominated by local training; "
-        "the cost of encryption at the tiny model's size is small next to it.\n"
+        "All sites share the machine's cores here, so round time is dominated by local "
+        "training; the cost of encryption at the tiny model's size is small next to it. Job "
+        "wall time includes the plaintext job's cross-site evaluation (every site's model at "
+        "every site), which encrypted jobs cannot run. Per-round costs at SegResNet's size: "
+        "the `he_packing` section above.\n"
     )
 
 

@@ -129,6 +129,7 @@ def test_the_global_model_does_not_depend_on_the_order_updates_arrive_in(tmp_pat
             assert submit(aggregator, fl_ctx, site, updates[site], steps=int(site[-1]) + 2)
         means.append(from_shareable(aggregator.aggregate(fl_ctx)).data["w"])
     assert means[0].tobytes() == means[1].tobytes()
+    assert means[0].dtype == np.float32, "the global model keeps the sites' precision"
 
 
 def run_exported(job, datasets, workspace):
