@@ -17,6 +17,7 @@ nothing, instead of averaging too few sites silently.
 from __future__ import annotations
 
 import threading
+from abc import abstractmethod
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
@@ -124,19 +125,21 @@ class _RoundAggregator(Aggregator):
         self.log_error(fl_ctx, f"{site}: update of round {round_number} refused: {reason}")
         site_reports_for(fl_ctx, self.mode).record_refusal(site, round_number, reason)
 
+    @abstractmethod
     def _add(self, site: str, dxo: DXO, fl_ctx: FLContext) -> str | None:
         """Takes the update in; returns why it is refused, or ``None``."""
-        raise NotImplementedError
 
     def _finish(self, fl_ctx: FLContext) -> list[tuple[str, str]]:
         """Updates refused once the round is complete: ``(site, reason)``."""
         return []
 
+    @abstractmethod
     def _result(self, fl_ctx: FLContext) -> Shareable:
-        raise NotImplementedError
+        """The round's aggregate of the updates kept."""
 
+    @abstractmethod
     def _start_round(self, fl_ctx: FLContext) -> None:
-        raise NotImplementedError
+        """Forgets the previous round's updates."""
 
 
 class PlaintextAggregator(_RoundAggregator):
