@@ -39,6 +39,7 @@ from nvflare.lighter.provisioner import Provisioner
 from nvflare.lighter.utils import update_storage_locations
 
 from app_site.site_config import SITE_CONFIG_FILE, shared_host_threads
+from fedseg.files import write_json_atomic
 
 #: The project definition this module provisions from.
 PROJECT_TEMPLATE = Path(__file__).resolve().parents[1] / "poc_workspace" / "project.yml"
@@ -408,10 +409,7 @@ def _wait_for(condition: Callable[[], bool], timeout: float, message: str) -> No
 
 
 def _write_processes(federation: Federation, processes: dict[str, int]) -> None:
-    path = federation.workspace / PROCESSES_FILE
-    temporary = path.with_name(f".tmp-{path.name}")
-    temporary.write_text(json.dumps(processes, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_json_atomic(federation.workspace / PROCESSES_FILE, processes)
 
 
 def _alive(pid: int) -> bool:

@@ -1,14 +1,17 @@
 """The server's global model: persisted after every round, found again after a restart.
 
-:class:`GlobalModelPersistor` starts from the job's initial model and keeps the latest global
-model in the server's app folder: in an encrypted job only as the packed ciphertext (it refuses
-anything else, so no trained weight is ever written in plaintext), in a plaintext job as a
-PyTorch state dict. :class:`GlobalModelLocator` hands that model to NVFlare's cross-site
-evaluation.
+:class:`GlobalModelPersistor` starts from the job's initial model (or, in a resumed job, from
+the interrupted job's last global model) and keeps the latest global model in the server's app
+folder: in an encrypted job only as the packed ciphertext (it refuses anything else, so no
+trained weight is ever written in plaintext), in a plaintext job as a PyTorch state dict. Next
+to it, a checkpoint record names the round the model completes and the model's hash; that is
+what ``fedseg job resume`` starts from (:mod:`jobs.resume`). :class:`GlobalModelLocator` hands
+the model to NVFlare's cross-site evaluation.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,29 +23,37 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, make_model_learnable
 from nvflare.app_common.abstract.model_locator import ModelLocator
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.model_desc import ModelDescriptor
 
+from fedseg.files import file_sha256, write_json_atomic
 from fedseg.messages import PACKED_ALGORITHM, PACKED_KEY
 from fedseg.packed_ckks import PackedMessage
 
 #: The persisted global model, in the server's app folder.
 ENCRYPTED_MODEL_FILE = "FL_global_model.fedseg-ckks"
 PLAINTEXT_MODEL_FILE = "FL_global_model.pt"
+#: The checkpoint record, next to the persisted model.
+CHECKPOINT_FILE = "fedseg_checkpoint.json"
 
 
 class GlobalModelPersistor(ModelPersistor):
     """Keeps the global model; the initial model (untrained) is never written.
 
     Args:
-        initial_checkpoint: File name of the initial model (a PyTorch state dict) in the
-            server app's custom folder.
+        initial_checkpoint: File name of the model the job starts from, in the server app's
+            custom folder: a PyTorch state dict, or, resuming an encrypted job, the packed
+            ciphertext of the interrupted job's last global model.
         encrypted: Whether the job's models are packed ciphertext (then nothing else is saved).
+        resumed_round: For a resumed job, the round whose global model ``initial_checkpoint``
+            is; it becomes this job's first checkpoint at once.
     """
 
-    def __init__(self, initial_checkpoint: str, encrypted: bool):
+    def __init__(self, initial_checkpoint: str, encrypted: bool, resumed_round: int | None = None):
         super().__init__()
         self.initial_checkpoint = initial_checkpoint
         self.encrypted = encrypted
+        self.resumed_round = resumed_round
 
     @property
     def file_name(self) -> str:
@@ -50,19 +61,36 @@ class GlobalModelPersistor(ModelPersistor):
         return ENCRYPTED_MODEL_FILE if self.encrypted else PLAINTEXT_MODEL_FILE
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
-        """The last saved global model, or else the initial model."""
+        """The last saved global model, or else the model the job starts from."""
         saved = self.get_model(self.file_name, fl_ctx)
         if saved is not None:
             self.log_info(fl_ctx, f"going on from the saved global model {self.file_name}")
             return saved
         path = _app_root(fl_ctx) / "custom" / self.initial_checkpoint
-        return make_model_learnable(_read_state(path), {})
+        if self.resumed_round is None:
+            return make_model_learnable(_read_state(path), {})
+        if self.encrypted:
+            learnable = make_model_learnable({PACKED_KEY: path.read_bytes()}, {})
+        else:
+            learnable = make_model_learnable(_read_state(path), {})
+        self.log_info(fl_ctx, f"resuming from the global model of round {self.resumed_round}")
+        self._write(learnable, self.resumed_round, fl_ctx)
+        return learnable
 
     def save_model(self, model_learnable: ModelLearnable, fl_ctx: FLContext) -> None:
-        """Writes the global model atomically.
+        """Writes the global model of the current round and its checkpoint record.
 
         Raises:
             ValueError: In an encrypted job, if the model is not a packed encrypted aggregate.
+        """
+        self._write(model_learnable, int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND)), fl_ctx)
+
+    def _write(self, model_learnable: ModelLearnable, round_number: int, fl_ctx: FLContext) -> None:
+        """Writes the model and its record, each atomically.
+
+        The record (round, hash of this model and of the previous one) is written before the
+        model replaces the previous one, so a crash between the two leaves a record whose
+        ``previous`` entry still describes the model on disk.
         """
         weights = model_learnable.get("weights") or {}
         path = _app_root(fl_ctx) / self.file_name
@@ -74,6 +102,15 @@ class GlobalModelPersistor(ModelPersistor):
             temporary.write_bytes(weights[PACKED_KEY])
         else:
             torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}, temporary)
+        record_path = path.with_name(CHECKPOINT_FILE)
+        previous = json.loads(record_path.read_text()) if record_path.is_file() else None
+        record = {
+            "round": round_number,
+            "model_file": path.name,
+            "sha256": file_sha256(temporary),
+            "previous": previous and {k: previous[k] for k in ("round", "sha256")},
+        }
+        write_json_atomic(record_path, record)
         os.replace(temporary, path)
 
     def get_model_inventory(self, fl_ctx: FLContext) -> dict[str, ModelDescriptor]:

@@ -132,6 +132,7 @@ def write_reports(report_dir: Path, collected: dict, cross_site: dict | None = N
     federation = federation_summary(sites, collected.get("round_contributors"))
     federation["mode"] = mode
     federation["refusals"] = collected.get("refusals", [])
+    federation["resumptions"] = collected.get("resumptions", [])
     federation["cross_site"] = cross_site or {}
     (report_dir / "federation.json").write_text(json.dumps(federation, indent=2) + "\n")
     (report_dir / "federation.html").write_text(render_federation(federation))
@@ -220,6 +221,7 @@ the global model on its own data; only these metrics left the sites.</p>
 {rows}</table>
 {_contributors_table(federation["round_contributors"], federation["sites"])}
 {_refusals_table(federation.get("refusals", []))}
+{_resumptions_table(federation.get("resumptions", []))}
 {_cross_site_table(federation["cross_site"])}
 <h2>Dice per round</h2>{charts}"""
     return _page("fedseg federation report", body)
@@ -256,6 +258,24 @@ def _refusals_table(refusals: list[dict]) -> str:
     return (
         "<h2>Refused updates</h2><table><tr><th>site</th><th>round</th><th>reason</th></tr>"
         f"{rows}</table>"
+    )
+
+
+def _resumptions_table(resumptions: list[dict]) -> str:
+    """Interruptions the training went on from: where, and what the interrupted job lost."""
+    if not resumptions:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(r['interrupted_job'])}</td><td class=num>{r['next_round']}</td>"
+        f"<td>{html.escape(', '.join(map(str, r['dropped_rounds'])) or 'none')}</td>"
+        f"<td>{html.escape('; '.join(r['failures']) or 'none recorded')}</td></tr>"
+        for r in resumptions
+    )
+    return (
+        "<h2>Resumed after an interruption</h2><p>Training went on from the last completed "
+        "round's global model; a round under way when the job stopped was trained again.</p>"
+        "<table><tr><th>interrupted job</th><th>resumed at round</th>"
+        f"<th>partial rounds trained again</th><th>why it stopped</th></tr>{rows}</table>"
     )
 
 

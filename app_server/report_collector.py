@@ -10,11 +10,12 @@ update or with its refusal) and fails the job when any of them does not send its
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.filter import Filter
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
@@ -23,6 +24,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from app_server.site_reports import (
+    RESUMED_REPORTS_FILE,
     SITE_REPORTS_FILE,
     SiteReportError,
     SiteReports,
@@ -35,11 +37,17 @@ _STORES: dict[str, SiteReports] = {}
 
 
 def site_reports_for(fl_ctx: FLContext, mode: str) -> SiteReports:
-    """The run's report store (one per run folder, shared by the filter and the workflow)."""
+    """The run's report store (one per run folder, shared by the filter and the workflow).
+
+    A resumed job's store starts from the interrupted job's reports, which the job carries
+    in the server app's custom folder (:data:`RESUMED_REPORTS_FILE`).
+    """
     workspace = fl_ctx.get_engine().get_workspace()
     path = Path(workspace.get_run_dir(fl_ctx.get_job_id())) / SITE_REPORTS_FILE
     if str(path) not in _STORES:
-        _STORES[str(path)] = SiteReports.open(path, mode)
+        seed = Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / "custom" / RESUMED_REPORTS_FILE
+        resumed = json.loads(seed.read_text()) if seed.is_file() else None
+        _STORES[str(path)] = SiteReports.open(path, mode, resumed)
     return _STORES[str(path)]
 
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 import time
 from pathlib import Path
 
+from fedseg.files import write_json_atomic
+
 #: The server-side file, in the job's run folder.
 SITE_REPORTS_FILE = "fedseg_site_reports.json"
+#: A resumed job's starting reports, in the server app's custom folder.
+RESUMED_REPORTS_FILE = "fedseg_resumed_reports.json"
 
 _SITE_FIELDS = ("device", "data", "harmonization_hash")
 
@@ -42,18 +45,33 @@ class SiteReports:
         self.contributors: dict[int, list[str]] = {}
         self.refusals: list[dict] = []
         self.failures: list[str] = []
+        self.resumptions: list[dict] = []
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path, mode: str) -> SiteReports:
-        """The store at ``path``, with what it already holds (a restarted server goes on)."""
+    def open(cls, path: Path, mode: str, resumed: dict | None = None) -> SiteReports:
+        """The store at ``path``, with what it already holds (a restarted server goes on).
+
+        Args:
+            path: The store's file.
+            mode: How updates travel in this job.
+            resumed: For a resumed job, what the interrupted job's reports leave for it
+                (:func:`resumed_content`); the store starts from it when ``path`` is new.
+
+        Raises:
+            SiteReportError: If ``resumed`` comes from a job whose updates travelled otherwise.
+        """
         store = cls(path, mode)
-        if store.path.is_file():
-            content = json.loads(store.path.read_text())
-            store.sites = content["sites"]
-            store.contributors = {int(r): s for r, s in content["round_contributors"].items()}
-            store.refusals = content.get("refusals", [])
-            store.failures = content.get("failures", [])
+        content = json.loads(store.path.read_text()) if store.path.is_file() else resumed
+        if content is None:
+            return store
+        if content["mode"] != mode:
+            raise SiteReportError(f"a {content['mode']} job's reports cannot go on in a {mode} job")
+        store.sites = content["sites"]
+        store.contributors = {int(r): s for r, s in content["round_contributors"].items()}
+        store.refusals = content.get("refusals", [])
+        store.failures = content.get("failures", [])
+        store.resumptions = content.get("resumptions", [])
         return store
 
     def record_round(self, site: str, round_number: int, report: dict) -> None:
@@ -120,6 +138,7 @@ class SiteReports:
             "round_contributors": {str(r): self.contributors[r] for r in sorted(self.contributors)},
             "refusals": self.refusals,
             "failures": self.failures,
+            "resumptions": self.resumptions,
         }
 
     def _site(self, site: str, report: dict) -> dict:
@@ -129,9 +148,7 @@ class SiteReports:
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".tmp-{self.path.name}")
-        temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(temporary, self.path)
+        write_json_atomic(self.path, self.to_dict())
 
 
 def read_site_reports(result_dir: Path, sites: list[str] | None = None, final: bool = True) -> dict:
@@ -179,6 +196,45 @@ def read_site_reports(result_dir: Path, sites: list[str] | None = None, final: b
     if problems:
         raise RuntimeError(f"{found[0]}: " + "; ".join(problems) + "; see those sites' logs")
     return content
+
+
+def resumed_content(content: dict, next_round: int, interrupted_job: str) -> dict:
+    """What an interrupted job's reports leave for the job that resumes it at ``next_round``.
+
+    Rounds from ``next_round`` on (a round under way when the job stopped, reported by some
+    sites only) are dropped, so the resumed job reports each round exactly once; so are the
+    validations of a final model, which the resumed job makes again. The interrupted job's
+    failures move into a ``resumptions`` entry that also says which rounds were dropped.
+
+    Args:
+        content: The interrupted job's reports (the file's content).
+        next_round: The first round the resumed job trains.
+        interrupted_job: The interrupted job's id, for the record.
+
+    Returns:
+        The reports the resumed job starts from.
+    """
+    dropped = set()
+    sites = {}
+    for name, document in content["sites"].items():
+        kept = [r for r in document["rounds"] if r["round"] < next_round]
+        dropped |= {r["round"] for r in document["rounds"]} - {r["round"] for r in kept}
+        sites[name] = {**document, "rounds": kept, "final": None}
+    contributors = {r: s for r, s in content["round_contributors"].items() if int(r) < next_round}
+    resumption = {
+        "interrupted_job": interrupted_job,
+        "next_round": next_round,
+        "dropped_rounds": sorted(dropped),
+        "failures": content.get("failures", []),
+    }
+    return {
+        "mode": content["mode"],
+        "sites": sites,
+        "round_contributors": contributors,
+        "refusals": [r for r in content.get("refusals", []) if r["round"] < next_round],
+        "failures": [],
+        "resumptions": [*content.get("resumptions", []), resumption],
+    }
 
 
 def last_reported_round(content: dict) -> int | None:

@@ -42,7 +42,16 @@ from fedseg.harmonization import (
 )
 from fedseg.synth.check import CaseCheck, SynthCheckError, check_hospitals
 from fedseg.synth.hospitals import CaseSummary, SiteSummary, SynthConfig, synthesize_hospitals
-from jobs.runner import export_job, run_in_federation, run_job
+from jobs.resume import ResumeError, find_resume_point
+from jobs.runner import (
+    export_job,
+    export_resumed_job,
+    resume_in_federation,
+    resume_job,
+    run_in_federation,
+    run_job,
+    server_run_folder,
+)
 from jobs.segmentation import ENCRYPTION_MODES
 from transforms.masks import MASK_METHODS
 
@@ -76,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         HarmonizationError,
         ArtifactError,
         FederationError,
+        ResumeError,
     ) as error:
         _print_error(args, error)
         return 2
@@ -236,6 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
     job_submit.add_argument("--harmonization", type=Path, help="fitted harmonization artifact")
     _add_encryption_argument(job_submit, default=None)
     job_submit.set_defaults(handler=submit_job_command)
+    job_resume = job_actions.add_parser(
+        "resume",
+        help="go on with an interrupted job from its last completed round",
+        description="Resume a segmentation job that stopped (a server restart, too few sites) "
+        "as a new job: it starts from the global model of the last completed round, trains "
+        "the remaining rounds and reports every round of both jobs once. JOB is the job's "
+        "folder in the server's workspace, or with --workspace the job id. With --workspace "
+        "the new job is submitted, waited for and reported like `fedseg job submit`; with "
+        "--site it runs in the simulator like `fedseg job run` (plaintext jobs); with --out "
+        "its folder is written for `submit_job` in the admin console.",
+    )
+    job_resume.add_argument("job", help="the interrupted job's id or its server run folder")
+    job_resume.add_argument("--workspace", type=Path, help="the running federation's workspace")
+    job_resume.add_argument(
+        "--site", type=Path, action="append", help="ingested dataset, to resume in the simulator"
+    )
+    job_resume.add_argument("--workdir", type=Path, help="where results go")
+    job_resume.add_argument("--out", type=Path, help="write the job folder here instead")
+    job_resume.set_defaults(handler=resume_job_command)
 
     federation = commands.add_parser(
         "poc", help="a local federation: provision, start, stop, status"
@@ -457,23 +486,66 @@ def submit_job_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def resume_job_command(args: argparse.Namespace) -> int:
+    """Handles ``fedseg job resume``."""
+    chosen = [args.workspace is not None, bool(args.site), args.out is not None]
+    if sum(chosen) != 1:
+        raise ValueError(
+            "give one of --workspace (a federation), --site (the simulator) or --out (export)"
+        )
+    run_folder = Path(args.job)
+    if args.out is not None:
+        folder, point = export_resumed_job(run_folder, args.out)
+        console.print(
+            f"Job folder written to {folder}: it resumes {point.job_id} at round "
+            f"{point.next_round + 1} of {point.config.training.rounds}; submit it with "
+            f"`submit_job {folder}` in the admin console"
+        )
+        return 0
+    if args.workdir is None:
+        raise ValueError("--workdir is needed: where the results go")
+    if args.site:
+        print_final_metrics(resume_job(run_folder, args.site, args.workdir))
+        return 0
+    federation = Federation(args.workspace.resolve())
+    if not run_folder.is_dir():
+        run_folder = server_run_folder(federation, args.job)
+    point = find_resume_point(run_folder)
+    console.print(
+        f"Resuming {point.job_id} at round {point.next_round + 1} of "
+        f"{point.config.training.rounds} from the global model of round {point.next_round}"
+    )
+    with console.status("waiting for the federation", spinner="dots"):
+        report = resume_in_federation(
+            federation, run_folder, args.workdir, _progress_printer(point.config.training.rounds)
+        )
+    print_final_metrics(report)
+    return 0
+
+
 def submit_with_progress(
     federation: Federation, config, workdir: Path, artifact: Path | None, encryption: str | None
 ) -> Path:
     """Runs :func:`run_in_federation`, printing each job's state as it changes."""
+    on_poll = _progress_printer(config.training.rounds)
+    with console.status("waiting for the federation", spinner="dots"):
+        return run_in_federation(federation, config, workdir, artifact, encryption, on_poll)
+
+
+def _progress_printer(rounds: int):
+    """An ``on_poll`` callback printing each job's state (and round) when it changes."""
     seen: dict[str, str] = {}
 
     def on_poll(name: str, meta: dict) -> None:
         state = meta.get("status", "?")
         progress = meta.get("progress")
         if progress:
-            state += f", round {progress['round'] + 1} of {progress['rounds']}"
+            state += f", round {progress['round'] + 1} of {rounds}"
         if seen.get(name) != state:
             seen[name] = state
             console.print(f"  job {name} ({meta.get('job_id', '?')[:8]}): {state}")
 
-    with console.status("waiting for the federation", spinner="dots"):
-        return run_in_federation(federation, config, workdir, artifact, encryption, on_poll)
+    return on_poll
 
 
 def print_final_metrics(report: Path) -> None:

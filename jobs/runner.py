@@ -3,7 +3,8 @@
 ``fedseg job run`` runs the plaintext segmentation job in the simulator on datasets written
 by ``fedseg ingest``; ``fedseg job export`` writes the job folder to submit to a federation;
 :func:`run_in_federation` submits the (encrypted) job to a running federation, waits, downloads
-the result and writes the reports.
+the result and writes the reports; :func:`resume_in_federation` does the same for the job that
+goes on from an interrupted one's last completed round (``fedseg job resume``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from pathlib import Path
 from nvflare.recipe import SimEnv
 from nvflare.recipe.spec import Recipe
 
-from app_server.federation import Federation, download_job, submit_job, wait_for_job
+from app_server.federation import (
+    Federation,
+    download_job,
+    submit_job,
+    wait_for_job,
+)
 from app_server.report import write_reports
 from app_server.site_reports import SITE_REPORTS_FILE, read_site_reports
 from app_site.harmonization import dataset_modality
@@ -26,6 +32,7 @@ from app_site.site_config import shared_host_threads, site_dataset, site_environ
 from fedseg.config import RunConfig
 from fedseg.harmonization import HarmonizationConfig, read_harmonization_artifact
 from jobs.harmonization import HarmonizationRecipe, find_artifact
+from jobs.resume import ResumePoint, find_resume_point
 from jobs.segmentation import segmentation_recipe
 
 
@@ -118,7 +125,38 @@ def run_job(
     harmonization_artifact = _harmonization_for(
         config, harmonization_artifact, lambda: fit_harmonization(config, datasets, workdir)
     )
-    recipe = segmentation_recipe(config, harmonization_artifact)
+    return _simulate(segmentation_recipe(config, harmonization_artifact), datasets, workdir)
+
+
+def resume_job(run_folder: Path, datasets: Sequence[Path], workdir: Path) -> Path:
+    """Resumes an interrupted plaintext job (of :func:`run_job`) in the simulator.
+
+    Args:
+        run_folder: The interrupted job's server run folder (``simulate_job`` in its
+            ``simulation`` folder).
+        datasets: One ingested dataset per site, as in the interrupted run.
+        workdir: Where the new simulation and ``report/`` are written.
+
+    Returns:
+        The ``report`` folder, covering every round of both jobs.
+
+    Raises:
+        ResumeError: If the job cannot be resumed (see :func:`find_resume_point`).
+        ValueError: If the job was encrypted (resume it in its federation).
+    """
+    point = find_resume_point(run_folder)
+    if point.encryption != "none":
+        raise ValueError(
+            f"{run_folder}: an encrypted job resumes in its federation (--workspace), not in "
+            "the simulator, which has no HE contexts"
+        )
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return _simulate(segmentation_recipe(point.config, resume=point), datasets, workdir)
+
+
+def _simulate(recipe: Recipe, datasets: Sequence[Path], workdir: Path) -> Path:
+    """Runs a plaintext segmentation recipe in the simulator; writes the reports."""
     simulation = workdir / "simulation"
     with site_environment(datasets) as names:
         run = recipe.execute(
@@ -257,6 +295,53 @@ def run_in_federation(
     recipe = segmentation_recipe(config, harmonization_artifact, encryption=encryption)
     result = submit_and_fetch(federation, recipe, workdir / "segmentation", on_poll)
     return write_job_reports(result, workdir / "report", sites, encryption)
+
+
+def resume_in_federation(
+    federation: Federation,
+    run_folder: Path,
+    workdir: Path,
+    on_poll: Callable[[str, dict], None] | None = None,
+) -> Path:
+    """Resumes an interrupted segmentation job in a running federation.
+
+    The new job trains the interrupted job's remaining rounds from its last global model
+    (:mod:`jobs.resume`); it is submitted, waited for and downloaded like any job, and its
+    reports cover every round of both jobs.
+
+    Args:
+        federation: The federation (started).
+        run_folder: The interrupted job's folder in the server's workspace.
+        workdir: Where the job, its download and ``report/`` go.
+        on_poll: Called with the job's name and meta after every status poll.
+
+    Returns:
+        The ``report`` folder.
+
+    Raises:
+        ResumeError: If the job cannot be resumed (see :func:`find_resume_point`).
+        RuntimeError: If the resumed job fails or its validation results are missing.
+    """
+    point = find_resume_point(run_folder)
+    recipe = segmentation_recipe(point.config, resume=point)
+    result = submit_and_fetch(federation, recipe, Path(workdir).resolve() / "segmentation", on_poll)
+    return write_job_reports(result, Path(workdir) / "report", federation.sites, point.encryption)
+
+
+def export_resumed_job(run_folder: Path, output: Path) -> tuple[Path, ResumePoint]:
+    """Writes the job that resumes an interrupted one, for ``submit_job`` by hand.
+
+    Returns:
+        The job folder and where it resumes.
+    """
+    point = find_resume_point(run_folder)
+    segmentation_recipe(point.config, resume=point).export(str(output))
+    return next(path.parent for path in Path(output).rglob("meta.json")), point
+
+
+def server_run_folder(federation: Federation, job_id: str) -> Path:
+    """A job's run folder in the federation server's workspace."""
+    return federation.kit(federation.participants("server")[0]) / job_id
 
 
 def submit_and_fetch(

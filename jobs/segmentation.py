@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,9 +45,12 @@ from nvflare.recipe.spec import Recipe
 from app_server.aggregation import PackedHEAggregator, PlaintextAggregator
 from app_server.global_model import GlobalModelLocator, GlobalModelPersistor
 from app_server.report_collector import FinalValidation, SiteReportFilter
+from app_server.site_reports import RESUMED_REPORTS_FILE
 from app_site.he_filters import OutgoingAudit, PackedHEDecryptor, PackedHEEncryptor
 from app_site.training_task import ARTIFACT_FILE, JOB_MANIFEST_FILE, RUN_CONFIG_FILE
 from fedseg.config import RunConfig
+from fedseg.files import write_json_atomic
+from jobs.resume import ResumePoint
 from models.networks import NETWORKS, build_network
 
 CLIENT_SCRIPT = Path(__file__).resolve().parent / "scripts" / "segmentation_client.py"
@@ -54,6 +58,8 @@ CLIENT_SCRIPT = Path(__file__).resolve().parent / "scripts" / "segmentation_clie
 ENCRYPTION_MODES = ("packed", "stock", "none")
 #: The initial global model (a PyTorch state dict built from the run configuration's seed).
 INITIAL_MODEL_FILE = "fedseg_initial_model.pt"
+#: A resumed job's starting model (the interrupted job's last), in the server's custom folder.
+RESUMED_MODEL_STEM = "fedseg_resumed_model"
 #: The report store's mode names.
 MODE_NAMES = {"packed": "he-packed", "stock": "he-stock", "none": "plaintext"}
 _TRAIN, _VALIDATE = AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION
@@ -66,6 +72,7 @@ def segmentation_recipe(
     encryption: str = "none",
     name: str = "fedseg-segmentation",
     sites: int | None = None,
+    resume: ResumePoint | None = None,
 ) -> Recipe:
     """A FedAvg recipe that trains ``config``'s network at every site.
 
@@ -74,6 +81,10 @@ def segmentation_recipe(
     artifact does not match that hash. Every mode starts from the same initial weights (built
     with ``training.seed``), so plaintext and encrypted runs can be compared.
 
+    Given ``resume``, the recipe is the interrupted job's own (configuration, artifact,
+    encryption, minimum, name: the other arguments are ignored) and trains its remaining
+    rounds, from its last global model and with its reports (:mod:`jobs.resume`).
+
     Args:
         config: The run configuration.
         harmonization_artifact: Fitted artifact, or ``None`` when the configuration asks for
@@ -81,6 +92,7 @@ def segmentation_recipe(
         encryption: ``packed``, ``stock`` or ``none`` (see the module docstring).
         name: Job name.
         sites: Fewest sites whose updates make a round; default ``training.min_sites``.
+        resume: Where an interrupted job goes on, or ``None`` for a new job.
 
     Returns:
         The recipe (execute it in an NVFlare environment, or export it).
@@ -89,6 +101,9 @@ def segmentation_recipe(
         ValueError: If the configuration asks for harmonization and no artifact is given, or
             the encryption mode is unknown.
     """
+    if resume is not None:
+        config, harmonization_artifact = resume.config, resume.harmonization_artifact
+        encryption, name, sites = resume.encryption, resume.name, resume.min_sites
     if config.harmonization.method != "none" and harmonization_artifact is None:
         raise ValueError(
             "the configuration asks for harmonization: fit an artifact first "
@@ -98,10 +113,13 @@ def segmentation_recipe(
         raise ValueError(f"encryption must be one of {ENCRYPTION_MODES}, got {encryption!r}")
     min_sites = sites or config.training.min_sites
     staging = Path(tempfile.mkdtemp(prefix="fedseg-job-"))
-    initial_model = _write_initial_model(config, staging / INITIAL_MODEL_FILE)
-    builders = {"packed": _packed_he_recipe, "stock": _stock_he_recipe, "none": _plaintext_recipe}
-    recipe = builders[encryption](config, name, min_sites, initial_model)
-    for path in _job_files(config, harmonization_artifact, staging):
+    if encryption == "stock":
+        recipe = _stock_he_recipe(config, name, min_sites, staging)
+    else:
+        job = _scatter_and_gather(config, name, min_sites, encryption == "packed", staging, resume)
+        recipe = _packed_he_recipe(job) if encryption == "packed" else _plaintext_recipe(job)
+    settings = {"encryption": encryption, "min_sites": min_sites, "name": name}
+    for path in _job_files(config, harmonization_artifact, settings, staging):
         recipe._job.add_file_to(str(path), ALL_SITES)  # Recipe keeps its FedJob private
     recipe.add_server_input_filter(
         SiteReportFilter(MODE_NAMES[encryption]), tasks=[_TRAIN, _VALIDATE]
@@ -109,8 +127,7 @@ def segmentation_recipe(
     return recipe
 
 
-def _plaintext_recipe(config: RunConfig, name: str, min_sites: int, initial_model: Path) -> Recipe:
-    job = _scatter_and_gather(config, name, min_sites, initial_model, encrypted=False)
+def _plaintext_recipe(job: FedJob) -> Recipe:
     job.to_clients(_script_runner(TransferType.DIFF))
     job.to_clients(
         OutgoingAudit(), tasks=[_TRAIN, _VALIDATE, _SUBMIT], filter_type=FilterType.TASK_RESULT
@@ -122,8 +139,7 @@ def _plaintext_recipe(config: RunConfig, name: str, min_sites: int, initial_mode
     return Recipe(job)
 
 
-def _packed_he_recipe(config: RunConfig, name: str, min_sites: int, initial_model: Path) -> Recipe:
-    job = _scatter_and_gather(config, name, min_sites, initial_model, encrypted=True)
+def _packed_he_recipe(job: FedJob) -> Recipe:
     job.to_clients(_script_runner(TransferType.FULL))
     job.to_clients(PackedHEDecryptor(), tasks=[_TRAIN, _VALIDATE], filter_type=FilterType.TASK_DATA)
     # Result filters run in order: encrypt, then audit what actually leaves.
@@ -136,18 +152,33 @@ def _packed_he_recipe(config: RunConfig, name: str, min_sites: int, initial_mode
 
 
 def _scatter_and_gather(
-    config: RunConfig, name: str, min_sites: int, initial_model: Path, encrypted: bool
+    config: RunConfig,
+    name: str,
+    min_sites: int,
+    encrypted: bool,
+    staging: Path,
+    resume: ResumePoint | None,
 ) -> FedJob:
     """Server side shared by the plaintext and packed jobs: rounds, then final validation.
 
     Every connected site gets each round's task; the round goes on once ``min_sites`` updates
     arrived and the others had ``federation.straggler_seconds`` more, and fails after
-    ``federation.round_timeout`` with fewer (see :mod:`app_server.aggregation`).
+    ``federation.round_timeout`` with fewer (see :mod:`app_server.aggregation`). A resumed
+    job starts at the interrupted job's next round from its last global model and reports.
     """
     mode = MODE_NAMES["packed" if encrypted else "none"]
     job = FedJob(name=name, min_clients=min_sites)
+    if resume is None:
+        start_round, resumed_round = 0, None
+        initial_model = _write_initial_model(config, staging / INITIAL_MODEL_FILE)
+    else:
+        start_round, resumed_round = resume.next_round, resume.next_round - 1
+        initial_model = staging / f"{RESUMED_MODEL_STEM}{resume.model.suffix}"
+        shutil.copyfile(resume.model, initial_model)
+        write_json_atomic(staging / RESUMED_REPORTS_FILE, resume.reports)
+        job.add_file_to(str(staging / RESUMED_REPORTS_FILE), SERVER_SITE_NAME)
     job.add_file_to(str(initial_model), SERVER_SITE_NAME)
-    persistor = GlobalModelPersistor(INITIAL_MODEL_FILE, encrypted=encrypted)
+    persistor = GlobalModelPersistor(initial_model.name, encrypted, resumed_round)
     job.to_server(persistor, id="persistor")
     job.to_server(FullModelShareableGenerator(), id="shareable_generator")
     if encrypted:
@@ -158,7 +189,8 @@ def _scatter_and_gather(
     job.to_server(
         ScatterAndGather(
             min_clients=min_sites,
-            num_rounds=config.training.rounds,
+            start_round=start_round,
+            num_rounds=config.training.rounds - start_round,
             wait_time_after_min_received=config.federation.straggler_seconds,
             train_timeout=config.federation.round_timeout,
             ignore_result_error=True,  # a failing site is a missing update, not the end
@@ -187,7 +219,8 @@ def _script_runner(transfer: TransferType) -> ScriptRunner:
     )
 
 
-def _stock_he_recipe(config: RunConfig, name: str, min_sites: int, initial_model: Path) -> Recipe:
+def _stock_he_recipe(config: RunConfig, name: str, min_sites: int, staging: Path) -> Recipe:
+    initial_model = _write_initial_model(config, staging / INITIAL_MODEL_FILE)
     recipe = FedAvgRecipeWithHE(
         name=name,
         model=_model_spec(config),
@@ -216,11 +249,15 @@ def _write_initial_model(config: RunConfig, path: Path) -> Path:
     return path
 
 
-def _job_files(config: RunConfig, harmonization_artifact: Path | None, staging: Path) -> list:
+def _job_files(
+    config: RunConfig, harmonization_artifact: Path | None, settings: dict, staging: Path
+) -> list:
+    """The run configuration, the artifact and the manifest (their hashes and ``settings``)."""
     (staging / RUN_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     manifest = {
         "run_config_hash": hashlib.sha256((staging / RUN_CONFIG_FILE).read_bytes()).hexdigest(),
         "harmonization_hash": None,
+        **settings,
     }
     if harmonization_artifact is not None:
         artifact = json.loads(Path(harmonization_artifact).read_text())

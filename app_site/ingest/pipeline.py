@@ -61,6 +61,7 @@ from app_site.ingest.series import (
     group_frames,
 )
 from app_site.ingest.volume import canonical, load_series, save_nifti_atomic, series_affine_ras
+from fedseg.files import write_json_atomic
 
 #: Version of the output format; part of every content hash, so a new version re-converts.
 INGEST_FORMAT_VERSION = 1
@@ -237,8 +238,8 @@ def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestRe
                 report.records.append(_file_record(segmentation.path, source, SKIPPED, reason))
 
     _remove_stale_outputs(output, report.records)
-    _write_json_atomic(output / "datalist.json", _datalist(report.records, options))
-    _write_json_atomic(output / "qc.json", _qc_document(report.records, options))
+    write_json_atomic(output / "datalist.json", _datalist(report.records, options))
+    write_json_atomic(output / "qc.json", _qc_document(report.records, options))
     return report
 
 
@@ -638,12 +639,6 @@ def _remove_stale_outputs(output: Path, records: list[dict]) -> None:
         for path in (output / folder).glob("case-*.nii.gz"):
             if f"{folder}/{path.name}" not in keep:
                 path.unlink()
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    temporary = path.with_name(f".tmp-{path.name}")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
 
 
 def _datalist(records: list[dict], options: IngestOptions) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from app_site.ingest.manifest import MANIFEST_HEADER
+from fedseg.files import write_json_atomic
 from fedseg.synth.anatomy import Subject, Tissue, tumour_label
 from fedseg.synth.dicom_series import SeriesIdentity, write_series
 from fedseg.synth.geometry import AcquisitionGrid
@@ -153,7 +153,7 @@ def synthesize_hospitals(
             for task, future in zip(tasks, futures, strict=True):
                 collect(task[1], future.result())
 
-    _write_json_atomic(out / "synth.json", _run_record(config, profiles, results))
+    write_json_atomic(out / "synth.json", _run_record(config, profiles, results))
     return [
         SiteSummary(
             config.site_name(s),
@@ -270,9 +270,3 @@ def _run_record(
             for s in range(config.sites)
         ],
     }
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)

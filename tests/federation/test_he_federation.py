@@ -28,6 +28,7 @@ from fedseg.config import load_config
 from fedseg.messages import PACKED_KEY
 from fedseg.packed_ckks import MAGIC, CkksKeys, decrypt_model
 from jobs.runner import run_in_federation
+from tests.federation.homes import isolated_home
 
 pytestmark = pytest.mark.slow
 
@@ -35,28 +36,22 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def federation_run(datasets, tmp_path_factory):
     root = tmp_path_factory.mktemp("federation")
-    home, saved_home = root / "home", os.environ.get("HOME")
-    home.mkdir()
-    os.environ["HOME"] = str(home)  # nothing may be written to the operator's home
     names = {f"site-{n}": datasets[f"site-{n}"] for n in (1, 2, 3)}
-    federation = poc.prepare(root / "poc", 3, "packed", names)
     config = load_config("tiny")
-    try:
-        poc.start(federation)
-        pids = dict(poc.running_processes(federation))
-        encrypted = run_in_federation(federation, config, root / "he")
-        plaintext = run_in_federation(
-            federation, config, root / "plain", root / "he" / "harmonization.json", "none"
-        )
-        console = submit_through_the_admin_console(
-            federation, root / "console", root / "he" / "harmonization.json"
-        )
-    finally:
-        poc.stop(federation)
-        if saved_home is None:
-            os.environ.pop("HOME")
-        else:
-            os.environ["HOME"] = saved_home
+    with isolated_home(root / "home") as home:
+        federation = poc.prepare(root / "poc", 3, "packed", names)
+        try:
+            poc.start(federation)
+            pids = dict(poc.running_processes(federation))
+            encrypted = run_in_federation(federation, config, root / "he")
+            plaintext = run_in_federation(
+                federation, config, root / "plain", root / "he" / "harmonization.json", "none"
+            )
+            console = submit_through_the_admin_console(
+                federation, root / "console", root / "he" / "harmonization.json"
+            )
+        finally:
+            poc.stop(federation)
     job_ids = {
         name: next((root / name / "segmentation" / "result").iterdir()).name
         for name in ("he", "plain")

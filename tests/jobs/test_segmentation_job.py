@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from app_server.global_model import CHECKPOINT_FILE, PLAINTEXT_MODEL_FILE
+from app_server.site_reports import SITE_REPORTS_FILE
 from fedseg.config import load_config
+from jobs.resume import ResumeError, find_resume_point
 from jobs.runner import export_job
 
 FEDSEG = str(Path(sys.executable).with_name("fedseg"))
@@ -146,3 +150,86 @@ def test_empty_cross_site_results_fail_loudly(tmp_path):
     (folder / "cross_val_results.json").write_text(json.dumps({"site-1": {"site-1": {}}}))
     with pytest.raises(RuntimeError, match="no results for site-1, site-2"):
         read_cross_site_results(tmp_path, ["site-1", "site-2"])
+
+
+def server_run_copy(job_run, destination):
+    """A copy of the finished job's server run folder, to stage what a crash leaves behind."""
+    workdir, _ = job_run
+    (manifest,) = (workdir / "simulation").rglob(
+        "server/simulate_job/app_server/custom/fedseg_job.json"
+    )
+    shutil.copytree(manifest.parents[2], destination)
+    return destination
+
+
+def test_a_completed_job_has_nothing_to_resume(job_run, tmp_path):
+    run_folder = server_run_copy(job_run, tmp_path / "run")
+    result = subprocess.run(
+        [FEDSEG, "job", "resume", str(run_folder), "--out", str(tmp_path / "job")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "completed all 2 rounds and its final validation" in result.stderr
+    assert not (tmp_path / "job").exists()
+
+
+def test_a_global_model_that_no_longer_matches_its_checkpoint_is_refused(job_run, tmp_path):
+    run_folder = server_run_copy(job_run, tmp_path / "run")
+    with open(run_folder / "app_server" / PLAINTEXT_MODEL_FILE, "ab") as model:
+        model.write(b"\0")
+    with pytest.raises(ResumeError, match="does not match its checkpoint record"):
+        find_resume_point(run_folder)
+
+
+def test_a_server_stopped_between_record_and_model_resumes_at_the_model_on_disk(job_run, tmp_path):
+    """The record of round 2 was written, the server died before the model replaced round 1's."""
+    run_folder = server_run_copy(job_run, tmp_path / "run")
+    record_path = run_folder / "app_server" / CHECKPOINT_FILE
+    record = json.loads(record_path.read_text())
+    assert record["round"] == 1
+    previous = {"round": 1, "sha256": record["sha256"]}
+    ahead = {**record, "round": 2, "sha256": "0" * 64, "previous": previous}
+    record_path.write_text(json.dumps(ahead))
+    reports = run_folder / SITE_REPORTS_FILE
+    content = json.loads(reports.read_text())
+    for document in content["sites"].values():
+        document["final"] = None  # it never got to the final validation
+    reports.write_text(json.dumps(content))
+    assert find_resume_point(run_folder).next_round == 2
+
+
+def test_a_job_stopped_during_its_final_validation_resumes_with_only_that_left(
+    datasets, job_run, tmp_path
+):
+    """The server died after the last round: its reports hold every round but no final one."""
+    run_folder = server_run_copy(job_run, tmp_path / "run")
+    reports = run_folder / SITE_REPORTS_FILE
+    content = json.loads(reports.read_text())
+    for document in content["sites"].values():
+        document["final"] = None
+    content["failures"] = ["the server stopped"]
+    reports.write_text(json.dumps(content))
+    sites = [str(datasets[name]) for name in ("site-1", "site-2", "site-3")]
+    result = subprocess.run(
+        [FEDSEG, "job", "resume", str(run_folder), *[a for s in sites for a in ("--site", s)],
+         "--workdir", str(tmp_path / "resumed")],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = tmp_path / "resumed" / "report"
+    federation = json.loads((report / "federation.json").read_text())
+    every_site = ["site-1", "site-2", "site-3"]
+    assert federation["round_contributors"] == {"0": every_site, "1": every_site}
+    (resumption,) = federation["resumptions"]
+    assert resumption["next_round"] == 2 and resumption["dropped_rounds"] == []
+    assert resumption["failures"] == ["the server stopped"]
+    for site in ("site-1", "site-2", "site-3"):
+        document = json.loads((report / f"{site}.json").read_text())
+        assert [r["round"] for r in document["rounds"]] == [0, 1]
+        assert math.isfinite(document["final"]["metrics"]["dice_WT"])
+    assert "Resumed after an interruption" in (report / "federation.html").read_text()
+    before, after = (
+        torch.load(next(w.rglob(f"app_server/{PLAINTEXT_MODEL_FILE}")), weights_only=True)
+        for w in (run_folder, tmp_path / "resumed" / "simulation")
+    )
+    assert all(torch.equal(before[key], after[key]) for key in before), "no round was trained again"

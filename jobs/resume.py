@@ -1,0 +1,163 @@
+"""Where an interrupted segmentation job can go on: its last completed round, found on disk.
+
+NVFlare 2.9 does not resume a job after a server restart (it has no job snapshots), so fedseg
+resumes one as a new job: the interrupted job's server run folder holds everything that
+needs (the run configuration, the harmonization artifact and the manifest the job was built
+with; the global model of the last completed round with its checkpoint record; the sites'
+reports). :func:`find_resume_point` reads and checks them;
+:func:`jobs.segmentation.segmentation_recipe` builds the job that trains the remaining rounds
+from that model and reports every round of both jobs, each exactly once.
+
+What does not carry over: the sites' optimizer moments and data order restart with the new
+job's processes, so a resumed job is not bit-for-bit the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from app_server.global_model import CHECKPOINT_FILE
+from app_server.site_reports import (
+    RESUMED_REPORTS_FILE,
+    SITE_REPORTS_FILE,
+    last_reported_round,
+    resumed_content,
+    sites_of_round,
+)
+from app_site.training_task import ARTIFACT_FILE, JOB_MANIFEST_FILE, RUN_CONFIG_FILE
+from fedseg.config import RunConfig, load_config
+from fedseg.files import file_sha256
+
+#: Encryption modes a job can be resumed in (NVFlare's stock HE filters keep their own model).
+RESUMABLE_MODES = ("packed", "none")
+
+
+#: The server's app folder in a run folder.
+SERVER_APP = "app_server"
+
+
+class ResumeError(RuntimeError):
+    """A run folder that cannot be resumed, and why."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """An interrupted job and the round its resumption starts at.
+
+    Attributes:
+        job_id: The interrupted job (its run folder's name).
+        config: Its run configuration.
+        harmonization_artifact: Its harmonization artifact, or ``None``.
+        encryption: How its updates travelled (``packed`` or ``none``).
+        min_sites: Its minimum number of sites per round.
+        name: Its job name.
+        next_round: The first round still to train (may equal the number of rounds: then only
+            the final validation is left).
+        model: The global model of round ``next_round - 1``.
+        reports: The reports the resumed job starts from (rounds before ``next_round``).
+    """
+
+    job_id: str
+    config: RunConfig
+    harmonization_artifact: Path | None
+    encryption: str
+    min_sites: int
+    name: str
+    next_round: int
+    model: Path
+    reports: dict
+
+
+def find_resume_point(run_folder: Path) -> ResumePoint:
+    """Reads an interrupted job's server run folder and checks it can be resumed.
+
+    Args:
+        run_folder: The job's folder in the server's workspace (``<server>/<job id>``), or
+            any folder holding exactly one such run (a copy of it, a downloaded result).
+
+    Returns:
+        Where the job goes on.
+
+    Raises:
+        ResumeError: If the folder holds no fedseg server run (or several), the job's
+            encryption cannot be resumed, no round completed, the persisted model does not
+            match its checkpoint record, or the job already completed.
+    """
+    app = _server_app(Path(run_folder))
+    custom = app / "custom"
+    manifest = json.loads((custom / JOB_MANIFEST_FILE).read_text())
+    if manifest["encryption"] not in RESUMABLE_MODES:
+        raise ResumeError(
+            f"{app.parent}: a job with NVFlare's stock HE filters cannot be resumed; "
+            "run it again, or use fedseg's packed HE (the default), which can"
+        )
+    config = load_config(custom / RUN_CONFIG_FILE)
+    completed, model = _last_completed_round(app)
+    reports_file = app.parent / SITE_REPORTS_FILE
+    if not reports_file.is_file():  # a resumed job stopped before any report arrived
+        reports_file = custom / RESUMED_REPORTS_FILE
+    reports = json.loads(reports_file.read_text())
+    next_round = completed + 1
+    if next_round >= config.training.rounds and _final_validation_done(reports):
+        raise ResumeError(
+            f"{app.parent}: the job completed all {config.training.rounds} rounds and its "
+            "final validation; there is nothing to resume"
+        )
+    artifact = custom / ARTIFACT_FILE
+    return ResumePoint(
+        job_id=app.parent.name,
+        config=config,
+        harmonization_artifact=artifact if artifact.is_file() else None,
+        encryption=manifest["encryption"],
+        min_sites=int(manifest["min_sites"]),
+        name=manifest["name"],
+        next_round=next_round,
+        model=model,
+        reports=resumed_content(reports, next_round, app.parent.name),
+    )
+
+
+def _server_app(folder: Path) -> Path:
+    """The server app folder of the one fedseg run under ``folder``."""
+    if not folder.is_dir():
+        raise ResumeError(f"{folder}: no such folder; give the job's folder on the server")
+    servers = sorted(
+        manifest.parents[1] for manifest in folder.rglob(f"{SERVER_APP}/custom/{JOB_MANIFEST_FILE}")
+    )
+    if len(servers) != 1:
+        found = "no fedseg segmentation job" if not servers else f"{len(servers)} jobs"
+        raise ResumeError(
+            f"{folder}: {found} found; give the folder of one job in the server's workspace "
+            "(<server workspace>/<job id>)"
+        )
+    return servers[0]
+
+
+def _last_completed_round(app: Path) -> tuple[int, Path]:
+    """The last round whose global model is on disk, checked against the checkpoint record."""
+    record_path = app / CHECKPOINT_FILE
+    if not record_path.is_file():
+        raise ResumeError(
+            f"{app.parent}: no round completed (no {CHECKPOINT_FILE}); nothing was trained "
+            "that a new job would not redo: submit the job again"
+        )
+    record = json.loads(record_path.read_text())
+    model = app / record["model_file"]
+    digest = file_sha256(model) if model.is_file() else None
+    if digest == record["sha256"]:
+        return record["round"], model
+    previous = record.get("previous")
+    if previous and digest == previous["sha256"]:  # stopped between the record and the model
+        return previous["round"], model
+    raise ResumeError(
+        f"{model}: the global model does not match its checkpoint record "
+        f"({record_path.name}, round {record['round']}); it was altered or lost, so the job "
+        "cannot be resumed: submit it again"
+    )
+
+
+def _final_validation_done(reports: dict) -> bool:
+    sites = sites_of_round(reports, last_reported_round(reports))
+    return bool(sites) and all(reports["sites"][site].get("final") for site in sites)
