@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.filter import Filter
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
@@ -45,7 +45,7 @@ def site_reports_for(fl_ctx: FLContext, mode: str) -> SiteReports:
     workspace = fl_ctx.get_engine().get_workspace()
     path = Path(workspace.get_run_dir(fl_ctx.get_job_id())) / SITE_REPORTS_FILE
     if str(path) not in _STORES:
-        seed = Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / "custom" / RESUMED_REPORTS_FILE
+        seed = Path(workspace.get_app_custom_dir(fl_ctx.get_job_id())) / RESUMED_REPORTS_FILE
         resumed = json.loads(seed.read_text()) if seed.is_file() else None
         _STORES[str(path)] = SiteReports.open(path, mode, resumed)
     return _STORES[str(path)]
