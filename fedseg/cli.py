@@ -517,7 +517,7 @@ def resume_job_command(args: argparse.Namespace) -> int:
     )
     with console.status("waiting for the federation", spinner="dots"):
         report = resume_in_federation(
-            federation, run_folder, args.workdir, _progress_printer(point.config.training.rounds)
+            federation, point, args.workdir, _progress_printer(point.config.training.rounds)
         )
     print_final_metrics(report)
     return 0

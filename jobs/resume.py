@@ -81,13 +81,20 @@ def find_resume_point(run_folder: Path) -> ResumePoint:
         Where the job goes on.
 
     Raises:
-        ResumeError: If the folder holds no fedseg server run (or several), the job's
-            encryption cannot be resumed, no round completed, the persisted model does not
-            match its checkpoint record, or the job already completed.
+        ResumeError: If the folder holds no fedseg server run (or several), the job was
+            exported without the settings a resumption needs, its encryption cannot be
+            resumed, no round completed, the persisted model does not match its checkpoint
+            record, or the job already completed.
     """
     app = _server_app(Path(run_folder))
     custom = app / "custom"
     manifest = json.loads((custom / JOB_MANIFEST_FILE).read_text())
+    missing = [key for key in ("encryption", "min_sites", "name") if key not in manifest]
+    if missing:
+        raise ResumeError(
+            f"{custom / JOB_MANIFEST_FILE}: no {', '.join(missing)}; the job was exported by a "
+            "fedseg that could not resume jobs: submit it again"
+        )
     if manifest["encryption"] not in RESUMABLE_MODES:
         raise ResumeError(
             f"{app.parent}: a job with NVFlare's stock HE filters cannot be resumed; "

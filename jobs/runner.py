@@ -299,7 +299,7 @@ def run_in_federation(
 
 def resume_in_federation(
     federation: Federation,
-    run_folder: Path,
+    point: ResumePoint,
     workdir: Path,
     on_poll: Callable[[str, dict], None] | None = None,
 ) -> Path:
@@ -311,7 +311,7 @@ def resume_in_federation(
 
     Args:
         federation: The federation (started).
-        run_folder: The interrupted job's folder in the server's workspace.
+        point: Where the interrupted job goes on (:func:`find_resume_point`).
         workdir: Where the job, its download and ``report/`` go.
         on_poll: Called with the job's name and meta after every status poll.
 
@@ -319,10 +319,8 @@ def resume_in_federation(
         The ``report`` folder.
 
     Raises:
-        ResumeError: If the job cannot be resumed (see :func:`find_resume_point`).
         RuntimeError: If the resumed job fails or its validation results are missing.
     """
-    point = find_resume_point(run_folder)
     recipe = segmentation_recipe(point.config, resume=point)
     result = submit_and_fetch(federation, recipe, Path(workdir).resolve() / "segmentation", on_poll)
     return write_job_reports(result, Path(workdir) / "report", federation.sites, point.encryption)
