@@ -51,6 +51,11 @@ HE_PARAMETERS = {
     "packed": {"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": [60, 40], "scale_bits": 40},
     "stock": {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40},
 }
+#: Seconds without a heartbeat after which the server counts a site as gone (NVFlare's own
+#: default is 600 s). Sites send one every 10 s. A site found gone while a job runs leaves that
+#: job (its rounds go on without it); one found gone after the job's server part ended makes
+#: NVFlare fail the job, so the shorter this is, the smaller that window.
+DEAD_SITE_SECONDS = 60
 #: Job states after which a job will not change any more.
 FINISHED_STATES = ("FINISHED:COMPLETED", "FINISHED:EXECUTION_EXCEPTION", "FINISHED:ABORTED")
 
@@ -115,6 +120,7 @@ def prepare(
     encryption: str = "packed",
     datasets: Mapping[str, Path] | None = None,
     template: Path = PROJECT_TEMPLATE,
+    dead_site_seconds: float = DEAD_SITE_SECONDS,
 ) -> Federation:
     """Provisions a federation: server, ``sites`` sites, the project admin, HE contexts.
 
@@ -126,6 +132,8 @@ def prepare(
         encryption: ``packed`` or ``stock`` (HE contexts with those parameters), or ``none``.
         datasets: Dataset folder of each site, written to its kit's ``local`` folder.
         template: The project definition to start from.
+        dead_site_seconds: Seconds without a heartbeat after which the server counts a site
+            as gone (``heart_beat_timeout`` in the server kit's ``local/resources.json``).
 
     Returns:
         The federation.
@@ -137,6 +145,11 @@ def prepare(
         raise FederationError(f"encryption must be packed, stock or none, got {encryption!r}")
     if sites < 1:
         raise FederationError("a federation needs at least one site")
+    if dead_site_seconds < 20:
+        raise FederationError(
+            f"dead_site_seconds must be at least 20 (sites send a heartbeat every 10 s), "
+            f"got {dead_site_seconds}"
+        )
     federation = Federation(Path(workspace).resolve())
     if running_processes(federation):
         raise FederationError(f"{federation.workspace} is running: fedseg poc stop first")
@@ -154,6 +167,7 @@ def prepare(
     # The server's job and snapshot storage in this workspace, not NVFlare's shared /tmp/nvflare.
     server = federation.participants("server")[0]
     update_storage_locations(str(federation.kit(server) / "local"), str(federation.workspace))
+    _set_dead_site_seconds(federation.kit(server) / "local" / "resources.json", dead_site_seconds)
     for site, dataset in (datasets or {}).items():
         set_dataset(federation, site, dataset)
     return federation
@@ -330,6 +344,25 @@ def wait_for_job(
             time.sleep(poll_interval)
 
 
+def job_meta(federation: Federation, job_id: str) -> dict:
+    """A job's meta in the server's job store (``status`` among it)."""
+    with admin_session(federation) as session:
+        return session.get_job_meta(job_id)
+
+
+def abort_job(federation: Federation, job_id: str) -> None:
+    """Aborts a job (``abort_job``); :func:`wait_for_job` then sees it ``FINISHED:ABORTED``."""
+    with admin_session(federation) as session:
+        session.abort_job(job_id)
+
+
+def sites_running_job(federation: Federation, job_id: str) -> list[str]:
+    """The sites whose job process for ``job_id`` runs (``check_status client``)."""
+    with admin_session(federation) as session:
+        entries = session.get_client_job_status() or []
+    return sorted({e["client_name"] for e in entries if e.get("job_id") == job_id})
+
+
 def download_job(federation: Federation, job_id: str, destination: Path) -> Path:
     """Downloads a finished job's workspace (``download_job``) into ``destination``.
 
@@ -376,6 +409,14 @@ def _project(project: dict, sites: int, encryption: str) -> dict:
         builders.insert(signature, he)  # before signing, so the contexts are signed
     project["builders"] = builders
     return project
+
+
+def _set_dead_site_seconds(resources: Path, seconds: float) -> None:
+    """Sets the server's ``heart_beat_timeout`` in its kit's ``local/resources.json``."""
+    settings = json.loads(resources.read_text())
+    for server in settings["servers"]:
+        server["heart_beat_timeout"] = seconds
+    write_json_atomic(resources, settings)
 
 
 def _free_ports(count: int) -> list[int]:

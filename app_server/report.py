@@ -268,7 +268,7 @@ def _resumptions_table(resumptions: list[dict]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(r['interrupted_job'])}</td><td class=num>{r['next_round']}</td>"
         f"<td>{html.escape(', '.join(map(str, r['dropped_rounds'])) or 'none')}</td>"
-        f"<td>{html.escape('; '.join(r['failures']) or 'none recorded')}</td></tr>"
+        f"<td>{html.escape(_why_it_stopped(r))}</td></tr>"
         for r in resumptions
     )
     return (
@@ -277,6 +277,13 @@ def _resumptions_table(resumptions: list[dict]) -> str:
         "<table><tr><th>interrupted job</th><th>resumed at round</th>"
         f"<th>partial rounds trained again</th><th>why it stopped</th></tr>{rows}</table>"
     )
+
+
+def _why_it_stopped(resumption: dict) -> str:
+    reasons = list(resumption["failures"])
+    if resumption.get("rejoined"):
+        reasons.append(f"restarted so that {', '.join(resumption['rejoined'])} could rejoin")
+    return "; ".join(reasons) or "none recorded"
 
 
 def _cross_site_table(matrix: dict) -> str:

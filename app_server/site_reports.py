@@ -237,6 +237,12 @@ def resumed_content(content: dict, next_round: int, interrupted_job: str) -> dic
     }
 
 
+def with_rejoined_sites(content: dict, sites: list[str]) -> dict:
+    """Resumed reports whose last resumption says which sites it let rejoin (``rejoined``)."""
+    *earlier, last = content["resumptions"]
+    return {**content, "resumptions": [*earlier, {**last, "rejoined": sorted(sites)}]}
+
+
 def last_reported_round(content: dict) -> int | None:
     """The last round any site reported (the sites still in the job at its end)."""
     rounds = [r["round"] for d in content["sites"].values() for r in d["rounds"]]

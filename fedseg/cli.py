@@ -46,6 +46,7 @@ from jobs.resume import ResumeError, find_resume_point
 from jobs.runner import (
     export_job,
     export_resumed_job,
+    rejoin_in_federation,
     resume_in_federation,
     resume_job,
     run_in_federation,
@@ -265,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     job_resume.add_argument("--workdir", type=Path, help="where results go")
     job_resume.add_argument("--out", type=Path, help="write the job folder here instead")
     job_resume.set_defaults(handler=resume_job_command)
+    job_rejoin = job_actions.add_parser(
+        "rejoin",
+        help="let sites that came back take part in a running job again",
+        description="NVFlare 2.9 does not hand a running job to a site that was restarted. "
+        "This aborts the running job (the round under way is trained again), and resumes it "
+        "from its last completed round with every connected site, like `fedseg job resume`. "
+        "Refused, before anything is aborted, when every connected site already takes part "
+        "or the job could not be resumed.",
+    )
+    job_rejoin.add_argument("job", help="the running job's id")
+    _add_workspace_argument(job_rejoin)
+    job_rejoin.add_argument("--workdir", type=Path, required=True, help="where results go")
+    job_rejoin.set_defaults(handler=rejoin_job_command)
 
     federation = commands.add_parser(
         "poc", help="a local federation: provision, start, stop, status"
@@ -286,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="SITE=PATH",
         help="dataset of a site, written to its kit's local/fedseg_site.json (repeat)",
+    )
+    prepare.add_argument(
+        "--dead-site-seconds",
+        type=float,
+        default=poc.DEAD_SITE_SECONDS,
+        help="seconds without a heartbeat after which the server counts a site as gone "
+        f"(default {poc.DEAD_SITE_SECONDS}; NVFlare's own default is 600)",
     )
     prepare.set_defaults(handler=poc_prepare_command)
     for name, handler, text in (
@@ -523,6 +544,22 @@ def resume_job_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def rejoin_job_command(args: argparse.Namespace) -> int:
+    """Handles ``fedseg job rejoin``."""
+    federation = Federation(args.workspace.resolve())
+    console.print(f"Restarting job {args.job} with every connected site")
+    with console.status("waiting for the federation", spinner="dots"):
+        report, point, returning = rejoin_in_federation(
+            federation, args.job, args.workdir, _progress_printer(None)
+        )
+    console.print(
+        f"{', '.join(returning)} rejoined job {point.job_id} at round {point.next_round + 1} "
+        f"of {point.config.training.rounds}"
+    )
+    print_final_metrics(report)
+    return 0
+
+
 def submit_with_progress(
     federation: Federation, config, workdir: Path, artifact: Path | None, encryption: str | None
 ) -> Path:
@@ -532,15 +569,19 @@ def submit_with_progress(
         return run_in_federation(federation, config, workdir, artifact, encryption, on_poll)
 
 
-def _progress_printer(rounds: int):
-    """An ``on_poll`` callback printing each job's state (and round) when it changes."""
+def _progress_printer(rounds: int | None):
+    """An ``on_poll`` callback printing each job's state (and round) when it changes.
+
+    Args:
+        rounds: The job's number of rounds, when known before it starts.
+    """
     seen: dict[str, str] = {}
 
     def on_poll(name: str, meta: dict) -> None:
         state = meta.get("status", "?")
         progress = meta.get("progress")
         if progress:
-            state += f", round {progress['round'] + 1} of {rounds}"
+            state += f", round {progress['round'] + 1}" + (f" of {rounds}" if rounds else "")
         if seen.get(name) != state:
             seen[name] = state
             console.print(f"  job {name} ({meta.get('job_id', '?')[:8]}): {state}")
@@ -574,7 +615,13 @@ def poc_prepare_command(args: argparse.Namespace) -> int:
         if not separator:
             raise ValueError(f"--dataset {item}: expected SITE=PATH")
         datasets[site] = Path(path)
-    federation = poc.prepare(args.workspace, args.sites, args.encryption, datasets)
+    federation = poc.prepare(
+        args.workspace,
+        args.sites,
+        args.encryption,
+        datasets,
+        dead_site_seconds=args.dead_site_seconds,
+    )
     console.print(
         f"Provisioned {len(federation.sites)} sites ({args.encryption} encryption) in "
         f"{federation.kits}; start it with fedseg poc start --workspace {args.workspace}"

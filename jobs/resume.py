@@ -107,6 +107,7 @@ def find_resume_point(run_folder: Path) -> ResumePoint:
         reports_file = custom / RESUMED_REPORTS_FILE
     reports = json.loads(reports_file.read_text())
     next_round = completed + 1
+    job_id = _job_id(app.parent)
     if next_round >= config.training.rounds and _final_validation_done(reports):
         raise ResumeError(
             f"{app.parent}: the job completed all {config.training.rounds} rounds and its "
@@ -114,7 +115,7 @@ def find_resume_point(run_folder: Path) -> ResumePoint:
         )
     artifact = custom / ARTIFACT_FILE
     return ResumePoint(
-        job_id=app.parent.name,
+        job_id=job_id,
         config=config,
         harmonization_artifact=artifact if artifact.is_file() else None,
         encryption=manifest["encryption"],
@@ -122,7 +123,7 @@ def find_resume_point(run_folder: Path) -> ResumePoint:
         name=manifest["name"],
         next_round=next_round,
         model=model,
-        reports=resumed_content(reports, next_round, app.parent.name),
+        reports=resumed_content(reports, next_round, job_id),
     )
 
 
@@ -140,6 +141,14 @@ def _server_app(folder: Path) -> Path:
             "(<server workspace>/<job id>)"
         )
     return servers[0]
+
+
+def _job_id(run_folder: Path) -> str:
+    """The job's id: from its ``meta.json`` (a downloaded job's run folder is ``workspace``)."""
+    meta = run_folder / "meta.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("job_id", run_folder.name)
+    return run_folder.name
 
 
 def _last_completed_round(app: Path) -> tuple[int, Path]:

@@ -4,7 +4,9 @@
 by ``fedseg ingest``; ``fedseg job export`` writes the job folder to submit to a federation;
 :func:`run_in_federation` submits the (encrypted) job to a running federation, waits, downloads
 the result and writes the reports; :func:`resume_in_federation` does the same for the job that
-goes on from an interrupted one's last completed round (``fedseg job resume``).
+goes on from an interrupted one's last completed round (``fedseg job resume``), and
+:func:`rejoin_in_federation` restarts a running job that way so that sites that came back take
+part again (``fedseg job rejoin``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from nvflare.recipe import SimEnv
@@ -21,12 +24,17 @@ from nvflare.recipe.spec import Recipe
 
 from app_server.federation import (
     Federation,
+    FederationError,
+    abort_job,
+    connected_sites,
     download_job,
+    job_meta,
+    sites_running_job,
     submit_job,
     wait_for_job,
 )
 from app_server.report import write_reports
-from app_server.site_reports import SITE_REPORTS_FILE, read_site_reports
+from app_server.site_reports import SITE_REPORTS_FILE, read_site_reports, with_rejoined_sites
 from app_site.harmonization import dataset_modality
 from app_site.site_config import shared_host_threads, site_dataset, site_environment_variable
 from fedseg.config import RunConfig
@@ -324,6 +332,56 @@ def resume_in_federation(
     recipe = segmentation_recipe(point.config, resume=point)
     result = submit_and_fetch(federation, recipe, Path(workdir).resolve() / "segmentation", on_poll)
     return write_job_reports(result, Path(workdir) / "report", federation.sites, point.encryption)
+
+
+def rejoin_in_federation(
+    federation: Federation,
+    job_id: str,
+    workdir: Path,
+    on_poll: Callable[[str, dict], None] | None = None,
+) -> tuple[Path, ResumePoint, list[str]]:
+    """Lets sites that came back take part in a running job again.
+
+    NVFlare 2.9 starts a job's process at a site only when the job starts, so a site that was
+    restarted mid-job stays out of it. This aborts the job (the round under way is lost and
+    trained again), downloads it, and resumes it from its last completed round with every
+    connected site (:func:`resume_in_federation`). It is refused before anything is aborted
+    when no connected site is missing from the job, or when the job could not be resumed.
+
+    Args:
+        federation: The federation (started).
+        job_id: The running job.
+        workdir: Where the aborted job's download, the new job and ``report/`` go.
+        on_poll: Called with a job's name and meta after every status poll.
+
+    Returns:
+        The ``report`` folder, where the job went on, and the sites that rejoined.
+
+    Raises:
+        FederationError: If the job is not running or no connected site is missing from it.
+        ResumeError: If the job cannot be resumed (:func:`find_resume_point`).
+        RuntimeError: If the new job fails.
+    """
+    status = job_meta(federation, job_id).get("status")
+    if status != "RUNNING":
+        raise FederationError(
+            f"job {job_id} is {status}, not running; a job that stopped goes on with "
+            "fedseg job resume"
+        )
+    running = set(sites_running_job(federation, job_id))
+    returning = sorted(set(connected_sites(federation)) - running)
+    if not returning:
+        raise FederationError(
+            f"every connected site already takes part in job {job_id}; start the site that "
+            "left first (fedseg poc start SITE), then rejoin"
+        )
+    find_resume_point(server_run_folder(federation, job_id))  # refuse before aborting
+    abort_job(federation, job_id)
+    wait_for_job(federation, job_id, timeout=600)
+    interrupted = download_job(federation, job_id, Path(workdir).resolve() / "interrupted")
+    point = find_resume_point(interrupted)
+    point = replace(point, reports=with_rejoined_sites(point.reports, returning))
+    return resume_in_federation(federation, point, workdir, on_poll), point, returning
 
 
 def export_resumed_job(run_folder: Path, output: Path) -> tuple[Path, ResumePoint]:

@@ -9,11 +9,8 @@ in the same federation. No round may be lost or counted twice.
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from fedseg.files import file_sha256
 from jobs.runner import server_run_folder
 from jobs.segmentation import segmentation_recipe
 from tests.federation.homes import isolated_home
+from tests.federation.processes import kill, wait_for_checkpoint, wait_for_connected
 
 pytestmark = pytest.mark.slow
 
@@ -39,35 +37,6 @@ def five_round_config():
     document["harmonization"]["method"] = "none"
     document["training"]["rounds"] = ROUNDS
     return config_from_dict(document)
-
-
-def wait_for_checkpoint(record_path: Path, round_number: int, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if record_path.is_file():
-            record = json.loads(record_path.read_text())
-            if record["round"] >= round_number:
-                return record
-        time.sleep(0.1)
-    raise TimeoutError(f"no checkpoint of round {round_number} in {timeout:.0f} s")
-
-
-def wait_for_sites(federation, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while sorted(poc.connected_sites(federation)) != SITES:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the sites did not reconnect to the restarted server")
-        time.sleep(2)
-
-
-def kill(federation, participant: str) -> None:
-    """SIGKILL to the participant's process group (its job processes too), then wait."""
-    os.killpg(poc.running_processes(federation)[participant], signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while participant in poc.running_processes(federation):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{participant} still runs after SIGKILL")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +59,7 @@ def restarted(datasets, tmp_path_factory):
             at_kill = json.loads(record_path.read_text())
             model_at_kill = file_sha256(run_folder / "app_server" / ENCRYPTED_MODEL_FILE)
             poc.start(federation, [server])
-            wait_for_sites(federation, timeout=300)
+            wait_for_connected(federation, SITES, timeout=300)
             resumed = subprocess.run(
                 [FEDSEG, "job", "resume", job_id, "--workspace", str(federation.workspace),
                  "--workdir", str(root / "resumed")],
