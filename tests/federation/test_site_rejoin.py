@@ -9,6 +9,8 @@ the following rounds complete with ``site-1`` and ``site-2``.
   ``fedseg job rejoin`` brings it back into the job for the remaining rounds. The reports say
   who contributed to each round; no round is lost or counted twice at any site.
 - Not restarted: the job completes (NVFlare's status included) with the other two sites.
+  Then, in the same federation, a job needing all three sites: once ``site-3`` is killed
+  again the round waits ``federation.round_timeout``, then the job fails saying why.
 """
 
 import json
@@ -21,7 +23,7 @@ import pytest
 
 from app_server import federation as poc
 from app_server.global_model import CHECKPOINT_FILE
-from app_server.site_reports import read_site_reports
+from app_server.site_reports import SITE_REPORTS_FILE, read_site_reports
 from fedseg.config import config_from_dict, load_config
 from jobs.runner import server_run_folder
 from jobs.segmentation import segmentation_recipe
@@ -34,14 +36,19 @@ ROUNDS = 16
 SITES = ["site-1", "site-2", "site-3"]
 KILLED = "site-3"
 DEAD_SITE_SECONDS = 30
+#: Below DEAD_SITE_SECONDS - 10 (the heartbeat interval): the round gives up on the killed site
+#: before the server counts it as gone.
+ROUND_TIMEOUT = 15
 FEDSEG = str(Path(sys.executable).with_name("fedseg"))
 
 
-def job_config(rounds: int = ROUNDS):
+def job_config(rounds: int = ROUNDS, min_sites: int = 2, round_timeout: int = 3600):
     document = load_config("tiny").to_dict()
     document["harmonization"]["method"] = "none"
     document["training"]["rounds"] = rounds
+    document["training"]["min_sites"] = min_sites
     document["federation"]["straggler_seconds"] = 5
+    document["federation"]["round_timeout"] = round_timeout
     return config_from_dict(document)
 
 
@@ -144,7 +151,8 @@ def test_rejoining_a_job_that_no_longer_runs_is_refused(rejoined):
 
 @pytest.fixture(scope="module")
 def abandoned(datasets, tmp_path_factory):
-    """A site killed in round 1 of an eight-round job and never started again."""
+    """A site killed in round 1 of an eight-round job and never started again; then one killed
+    in a job that needs every site."""
     root = tmp_path_factory.mktemp("abandoned")
     names = {site: datasets[site] for site in SITES}
     with isolated_home(root / "home"):
@@ -158,9 +166,21 @@ def abandoned(datasets, tmp_path_factory):
             kill(federation, KILLED)
             meta = poc.wait_for_job(federation, job_id, timeout=900)
             result = poc.download_job(federation, job_id, root / "result")
+            poc.start(federation, [KILLED])
+            every_site = job_config(3, min_sites=3, round_timeout=ROUND_TIMEOUT)
+            job_id, record_path = submit(federation, every_site, root / "all")
+            wait_for_checkpoint(record_path, 0, timeout=600)
+            kill(federation, KILLED)
+            too_few_meta = poc.wait_for_job(federation, job_id, timeout=600)
+            too_few = poc.download_job(federation, job_id, root / "too-few")
         finally:
             poc.stop(federation)
-    return {"status": meta["status"], "reports": read_site_reports(result, SITES)}
+    return {
+        "status": meta["status"],
+        "reports": read_site_reports(result, SITES),
+        "too_few_status": too_few_meta["status"],
+        "too_few_reports": json.loads(next(too_few.rglob(SITE_REPORTS_FILE)).read_text()),
+    }
 
 
 def test_a_job_whose_site_died_completes_with_the_others(abandoned):
@@ -172,3 +192,10 @@ def test_a_job_whose_site_died_completes_with_the_others(abandoned):
     for site in ("site-1", "site-2"):
         assert math.isfinite(reports["sites"][site]["final"]["metrics"]["dice_mean"])
     assert not reports["sites"][KILLED]["final"]
+
+
+def test_with_too_few_sites_the_round_waits_then_the_job_fails_saying_why(abandoned):
+    assert abandoned["too_few_status"] != "FINISHED:COMPLETED"
+    (failure,) = abandoned["too_few_reports"]["failures"]
+    assert "2 usable update(s) (site-1, site-2), the job needs 3" in failure
+    assert KILLED in failure.split("the job needs 3")[1], failure
