@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from app_server.report import bootstrap_interval, write_reports
+from app_server.site_reports import resumed_content, with_rejoined_sites
 
 
 def site_document(site: str, dice: float) -> dict:
@@ -94,3 +95,18 @@ def test_without_a_final_validation_the_last_round_is_summarized(tmp_path):
 def test_nothing_to_report_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no site metrics"):
         write_reports(tmp_path, {"mode": "plaintext", "sites": {}})
+
+
+def test_a_rejoin_is_reported_with_the_site_that_came_back(tmp_path):
+    documents = [site_document(site, 0.7) for site in ("site-1", "site-2")]
+    interrupted = {**collected(*documents), "failures": [], "resumptions": []}
+    resumed = with_rejoined_sites(resumed_content(interrupted, 1, "job-a"), ["site-2"])
+    (resumption,) = resumed["resumptions"]
+    assert resumption == {
+        "interrupted_job": "job-a", "next_round": 1, "dropped_rounds": [1], "failures": [],
+        "rejoined": ["site-2"],
+    }  # fmt: skip
+    write_reports(tmp_path, resumed)
+    page = (tmp_path / "federation.html").read_text()
+    assert "Resumed after an interruption" in page
+    assert "restarted so that site-2 could rejoin" in page
