@@ -356,6 +356,18 @@ def goals(arms: dict[str, dict]) -> dict:
     }
 
 
+def machine() -> dict:
+    """The machine and library versions a result was measured with."""
+    return {
+        "cpus": os.cpu_count(),
+        "processor": platform.machine(),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "monai": version("monai"),
+        "nvflare": version("nvflare"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40, help="FedAvg rounds R (default 40)")
@@ -402,14 +414,7 @@ def main() -> None:
         "arms": arms,
         **goals(arms),
         "seconds_total": round(time.perf_counter() - began, 1),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "processor": platform.machine(),
-            "python": platform.python_version(),
-            "torch": version("torch"),
-            "monai": version("monai"),
-            "nvflare": version("nvflare"),
-        },
+        "machine": machine(),
     }
     if not args.quick:
         (HERE / "results").mkdir(exist_ok=True)

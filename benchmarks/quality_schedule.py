@@ -1,0 +1,161 @@
+"""FedAvg's gap to centralized training against its schedule, at one compute budget.
+
+The same data, harmonization, initial weights and budget as ``benchmarks/quality.py``'s
+harmonized arm (3 x R x S optimizer steps in all). Centralized training is run once; FedAvg
+once per schedule R x S (rounds x local steps) with R x S fixed, so that only how often the
+sites' models are averaged changes. Each model is evaluated on every training site's
+validation split; the gap is centralized minus FedAvg Dice per region, with the paired
+standard error over the site's validation cases (quality goal 1: at most 0.02).
+
+Usage: python benchmarks/quality_schedule.py [--schedules 40x50,80x25,200x10] [--cases N]
+    [--size S] [--seed K] [--workspace DIR] [--quick]
+Writes benchmarks/results/quality_schedule.json and benchmarks/quality_schedule.md (not with
+--quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from quality import (
+    GOAL_GAP,
+    HERE,
+    REGIONS,
+    TRAINING_SITES,
+    artifact_transform,
+    build_datasets,
+    evaluate,
+    evaluation_engines,
+    fedavg_gaps,
+    fit_artifact,
+    initial_weights,
+    labelled_cases,
+    log,
+    machine,
+    read_harmonization_artifact,
+    run_config,
+    train_engine,
+    train_fedavg,
+    write_dataset,
+)
+
+
+def parse_schedules(text: str) -> list[tuple[int, int]]:
+    """``"40x50,80x25"`` -> ``[(40, 50), (80, 25)]``; every schedule must have the same R x S."""
+    schedules = [tuple(int(n) for n in item.split("x")) for item in text.split(",")]
+    if len({rounds * steps for rounds, steps in schedules}) != 1:
+        raise SystemExit(f"--schedules {text}: every R x S must be the same budget")
+    return schedules
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--schedules", default="40x50,80x25,200x10", help="R x S, same budget")
+    parser.add_argument("--cases", type=int, default=24, help="average cases per site")
+    parser.add_argument("--size", type=int, default=64, help="synth matrix size (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="synth seed (default 0)")
+    parser.add_argument("--workspace", type=Path, default=Path("/tmp/quality-bench"))
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2x10 and 4x5, tiny data")
+    args = parser.parse_args()
+    if args.quick:
+        args.schedules, args.cases, args.size = "2x10,4x5", 6, 48
+    schedules = parse_schedules(args.schedules)
+
+    began = time.perf_counter()
+    args.workspace.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="schedule-", dir=args.workspace)).resolve()
+    try:
+        datasets = build_datasets(root, args.cases, args.size, args.seed)
+        config = run_config(*schedules[0], "nyul")
+        artifact = fit_artifact(config, datasets, root / "harmonization.json")
+        transform = artifact_transform(read_harmonization_artifact(artifact))
+        start = initial_weights(config)
+        budget = 3 * schedules[0][0] * schedules[0][1]
+        pooled = [c for site in TRAINING_SITES for c in labelled_cases(datasets[site], "training")]
+        central, central_record = train_engine(
+            config, write_dataset(root / "pooled", pooled, []), transform, budget, start
+        )
+        log(f"centralized: {budget} steps in {central_record['seconds']} s")
+        engines = evaluation_engines(config, datasets, transform, root / "external")
+        centralized = evaluate(central, engines)
+        runs = []
+        for rounds, steps in schedules:
+            schedule_config = run_config(rounds, steps, "nyul")
+            weights, record = train_fedavg(
+                schedule_config, datasets, artifact, root / f"fedavg-{rounds}x{steps}", start
+            )
+            gaps = fedavg_gaps(
+                {"evaluation": {"centralized": centralized, "fedavg": evaluate(weights, engines)}}
+            )
+            worst = max(g["gap"] for site in gaps.values() for g in site.values())
+            log(f"fedavg {rounds}x{steps}: {record['seconds']} s, largest gap {worst:+.3f}")
+            runs.append({
+                "rounds": rounds, "local_steps": steps, "seconds": record["seconds"],
+                "steps": record["steps"], "same_initial_model": record["same_initial_model"],
+                "gaps": gaps, "largest_gap": worst, "within_goal": worst <= GOAL_GAP,
+            })  # fmt: skip
+    finally:
+        shutil.rmtree(root)
+    summary = {
+        "benchmark": "quality_schedule",
+        "synth": {"sites": 4, "cases_per_site": args.cases, "size": args.size, "seed": args.seed},
+        "budget_steps": budget,
+        "centralized": {"seconds": central_record["seconds"], "steps": central_record["steps"]},
+        "schedules": runs,
+        "seconds_total": round(time.perf_counter() - began, 1),
+        "machine": machine(),
+    }
+    if not args.quick:
+        (HERE / "results").mkdir(exist_ok=True)
+        results = HERE / "results" / "quality_schedule.json"
+        results.write_text(json.dumps(summary, indent=2) + "\n")
+        (HERE / "quality_schedule.md").write_text(_markdown(summary))
+    print(json.dumps({k: v for k, v in summary.items() if k != "schedules"}))
+
+
+def _markdown(summary: dict) -> str:
+    rows = "\n".join(
+        f"| {run['rounds']} x {run['local_steps']} | {site} | "
+        + " | ".join(
+            f"{run['gaps'][site][r]['gap']:+.3f} ± {run['gaps'][site][r]['paired_se']:.3f}"
+            for r in REGIONS
+        )
+        + f" | {run['seconds'] / 60:.1f} |"
+        for run in summary["schedules"]
+        for site in TRAINING_SITES
+    )
+    largest = ", ".join(
+        f"{run['rounds']} x {run['local_steps']}: {run['largest_gap']:+.3f}"
+        for run in summary["schedules"]
+    )
+    machine = summary["machine"]
+    return f"""# FedAvg's gap to centralized training against its schedule
+
+Command: `python benchmarks/quality_schedule.py` (results: \
+`benchmarks/results/quality_schedule.json`). Machine: {machine["cpus"]} CPUs, torch \
+{machine["torch"]}, MONAI {machine["monai"]}, NVFlare {machine["nvflare"]}. Whole run: \
+{summary["seconds_total"] / 60:.1f} min.
+
+The harmonized arm of `benchmarks/quality.py` (same synthetic hospitals, seed \
+{summary["synth"]["seed"]}, Nyúl artifact, initial weights and model): centralized training \
+once, {summary["budget_steps"]} steps on the pooled training cases \
+({summary["centralized"]["seconds"]} s); FedAvg in NVFlare's simulator at each schedule R x S \
+(rounds x local steps per site), always {summary["budget_steps"]} steps in all. Gap: \
+centralized minus FedAvg Dice on each training site's validation split, ± the paired standard \
+error over its cases. Goal 1 of the quality benchmark asks for every gap at most {GOAL_GAP}.
+
+| R x S | site | WT gap | TC gap | ET gap | FedAvg minutes |
+| --- | --- | ---: | ---: | ---: | ---: |
+{rows}
+
+Largest gap per schedule: {largest}.
+"""
+
+
+if __name__ == "__main__":
+    main()
