@@ -42,3 +42,20 @@ def test_demo_runs_end_to_end(tmp_path):
     federation = json.loads((tmp_path / "job" / "report" / "federation.json").read_text())
     assert federation["sites"] == ["site-1", "site-2", "site-3"]
     assert "federation.html" in result.stdout
+
+
+def test_a_dead_site_timeout_below_the_heartbeat_interval_is_refused(tmp_path):
+    result = run(
+        "poc", "prepare", "--workspace", str(tmp_path / "federation"), "--dead-site-seconds", "5"
+    )
+    assert result.returncode != 0
+    assert "dead_site_seconds must be at least 20" in result.stdout + result.stderr
+    assert not (tmp_path / "federation").exists()
+
+
+def test_rejoining_without_a_running_federation_says_so(tmp_path):
+    result = run(
+        "job", "rejoin", "some-job", "--workspace", str(tmp_path), "--workdir", str(tmp_path / "w")
+    )
+    assert result.returncode != 0
+    assert "holds no federation" in result.stdout + result.stderr
