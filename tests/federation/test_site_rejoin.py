@@ -17,6 +17,7 @@ import json
 import math
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -52,16 +53,9 @@ def job_config(rounds: int = ROUNDS, min_sites: int = 2, round_timeout: int = 36
     return config_from_dict(document)
 
 
-def submit(federation, config, folder: Path) -> tuple[str, Path]:
-    """Submits the packed-HE job; returns its id and its checkpoint record's path."""
-    segmentation_recipe(config, encryption="packed").export(str(folder))
-    job_id = poc.submit_job(federation, next(folder.rglob("meta.json")).parent)
-    return job_id, server_run_folder(federation, job_id) / "app_server" / CHECKPOINT_FILE
-
-
-@pytest.fixture(scope="module")
-def rejoined(datasets, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rejoin")
+@contextmanager
+def running_federation(root: Path, datasets: dict):
+    """A started three-site federation (packed HE) under ``root``, stopped at the end."""
     names = {site: datasets[site] for site in SITES}
     with isolated_home(root / "home"):
         federation = poc.prepare(
@@ -69,29 +63,48 @@ def rejoined(datasets, tmp_path_factory):
         )
         try:
             poc.start(federation)
-            job_id, record_path = submit(federation, job_config(), root / "job")
-            wait_for_checkpoint(record_path, 0, timeout=600)
-            kill(federation, KILLED)
-            wait_for_connected(federation, ["site-1", "site-2"], timeout=DEAD_SITE_SECONDS + 60)
-            without_killed = json.loads(record_path.read_text())["round"]
-            poc.start(federation, [KILLED])
-            refused_when_not_running = None
-            rejoin = subprocess.run(
-                [FEDSEG, "job", "rejoin", job_id, "--workspace", str(federation.workspace),
-                 "--workdir", str(root / "rejoined")],
-                capture_output=True, text=True, timeout=900,
-            )  # fmt: skip
-            if rejoin.returncode == 0:
-                refused_when_not_running = subprocess.run(
-                    [FEDSEG, "job", "rejoin", job_id, "--workspace", str(federation.workspace),
-                     "--workdir", str(root / "again")],
-                    capture_output=True, text=True, timeout=300,
-                )  # fmt: skip
-            final_status = poc.job_meta(federation, job_id)["status"]
-            server = federation.participants("server")[0]
-            server_log = (federation.kit(server) / "log.txt").read_text()
+            yield federation
         finally:
             poc.stop(federation)
+
+
+def submit_then_kill(federation, config, folder: Path) -> tuple[str, Path]:
+    """Submits the packed-HE job and kills ``KILLED`` once round 0 is aggregated.
+
+    Returns:
+        The job id and its checkpoint record's path.
+    """
+    segmentation_recipe(config, encryption="packed").export(str(folder))
+    job_id = poc.submit_job(federation, next(folder.rglob("meta.json")).parent)
+    record_path = server_run_folder(federation, job_id) / "app_server" / CHECKPOINT_FILE
+    wait_for_checkpoint(record_path, 0, timeout=600)
+    kill(federation, KILLED)
+    return job_id, record_path
+
+
+@pytest.fixture(scope="module")
+def rejoined(datasets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rejoin")
+    with running_federation(root, datasets) as federation:
+        job_id, record_path = submit_then_kill(federation, job_config(), root / "job")
+        wait_for_connected(federation, ["site-1", "site-2"], timeout=DEAD_SITE_SECONDS + 60)
+        without_killed = json.loads(record_path.read_text())["round"]
+        poc.start(federation, [KILLED])
+        refused_when_not_running = None
+        rejoin = subprocess.run(
+            [FEDSEG, "job", "rejoin", job_id, "--workspace", str(federation.workspace),
+             "--workdir", str(root / "rejoined")],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        if rejoin.returncode == 0:
+            refused_when_not_running = subprocess.run(
+                [FEDSEG, "job", "rejoin", job_id, "--workspace", str(federation.workspace),
+                 "--workdir", str(root / "again")],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+        final_status = poc.job_meta(federation, job_id)["status"]
+        server = federation.participants("server")[0]
+        server_log = (federation.kit(server) / "log.txt").read_text()
     return {
         "job_id": job_id,
         "rounds_without_killed": without_killed,
@@ -154,27 +167,15 @@ def abandoned(datasets, tmp_path_factory):
     """A site killed in round 1 of an eight-round job and never started again; then one killed
     in a job that needs every site."""
     root = tmp_path_factory.mktemp("abandoned")
-    names = {site: datasets[site] for site in SITES}
-    with isolated_home(root / "home"):
-        federation = poc.prepare(
-            root / "poc", 3, "packed", names, dead_site_seconds=DEAD_SITE_SECONDS
-        )
-        try:
-            poc.start(federation)
-            job_id, record_path = submit(federation, job_config(rounds=8), root / "job")
-            wait_for_checkpoint(record_path, 0, timeout=600)
-            kill(federation, KILLED)
-            meta = poc.wait_for_job(federation, job_id, timeout=900)
-            result = poc.download_job(federation, job_id, root / "result")
-            poc.start(federation, [KILLED])
-            every_site = job_config(3, min_sites=3, round_timeout=ROUND_TIMEOUT)
-            job_id, record_path = submit(federation, every_site, root / "all")
-            wait_for_checkpoint(record_path, 0, timeout=600)
-            kill(federation, KILLED)
-            too_few_meta = poc.wait_for_job(federation, job_id, timeout=600)
-            too_few = poc.download_job(federation, job_id, root / "too-few")
-        finally:
-            poc.stop(federation)
+    with running_federation(root, datasets) as federation:
+        job_id, _ = submit_then_kill(federation, job_config(rounds=8), root / "job")
+        meta = poc.wait_for_job(federation, job_id, timeout=900)
+        result = poc.download_job(federation, job_id, root / "result")
+        poc.start(federation, [KILLED])
+        every_site = job_config(3, min_sites=3, round_timeout=ROUND_TIMEOUT)
+        job_id, _ = submit_then_kill(federation, every_site, root / "all")
+        too_few_meta = poc.wait_for_job(federation, job_id, timeout=600)
+        too_few = poc.download_job(federation, job_id, root / "too-few")
     return {
         "status": meta["status"],
         "reports": read_site_reports(result, SITES),
