@@ -47,6 +47,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -356,6 +357,58 @@ def goals(arms: dict[str, dict]) -> dict:
     }
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The synthetic hospitals' options every quality benchmark shares."""
+    parser.add_argument("--cases", type=int, default=24, help="average cases per site")
+    parser.add_argument("--size", type=int, default=64, help="synth matrix size (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="synth seed (default 0)")
+    parser.add_argument("--workspace", type=Path, default=Path("/tmp/quality-bench"))
+
+
+@dataclass
+class HarmonizedArm:
+    """The harmonized arm's data and starting point, as the quality benchmark builds them.
+
+    Attributes:
+        datasets: Site name -> ingested dataset (all four sites).
+        artifact: The Nyúl artifact fitted from the training sites' statistics.
+        transform: The artifact as an array transform.
+        start: Initial weights of every model.
+        pooled: The training sites' training cases in one dataset (centralized training).
+        engines: One evaluation engine per site (:func:`evaluation_engines`).
+    """
+
+    datasets: dict[str, Path]
+    artifact: Path
+    transform: Transform
+    start: dict[str, np.ndarray]
+    pooled: Path
+    engines: dict[str, SegmentationEngine]
+
+
+def harmonized_arm(root: Path, args: argparse.Namespace, config: RunConfig) -> HarmonizedArm:
+    """Synthesizes and ingests the hospitals under ``root`` and prepares the harmonized arm."""
+    datasets = build_datasets(root, args.cases, args.size, args.seed)
+    artifact = fit_artifact(config, datasets, root / "harmonization.json")
+    transform = artifact_transform(read_harmonization_artifact(artifact))
+    pooled = [c for site in TRAINING_SITES for c in labelled_cases(datasets[site], "training")]
+    return HarmonizedArm(
+        datasets=datasets,
+        artifact=artifact,
+        transform=transform,
+        start=initial_weights(config),
+        pooled=write_dataset(root / "pooled", pooled, []),
+        engines=evaluation_engines(config, datasets, transform, root / "external"),
+    )
+
+
+def gap_cells(gaps: dict, site: str) -> str:
+    """Markdown cells ``gap ± paired SE`` of one site, one per region."""
+    return " | ".join(
+        f"{gaps[site][r]['gap']:+.3f} ± {gaps[site][r]['paired_se']:.3f}" for r in REGIONS
+    )
+
+
 def machine() -> dict:
     """The machine and library versions a result was measured with."""
     return {
@@ -372,10 +425,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40, help="FedAvg rounds R (default 40)")
     parser.add_argument("--local-steps", type=int, default=50, help="local steps S (default 50)")
-    parser.add_argument("--cases", type=int, default=24, help="average cases per site")
-    parser.add_argument("--size", type=int, default=64, help="synth matrix size (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="synth seed (default 0)")
-    parser.add_argument("--workspace", type=Path, default=Path("/tmp/quality-bench"))
+    add_data_arguments(parser)
     parser.add_argument("--keep", action="store_true", help="keep the workspace (logs, models)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 rounds of 10 steps")
     args = parser.parse_args()
@@ -546,11 +596,9 @@ def _summary_rows(summary: dict) -> str:
 
 def _gap_rows(gaps: dict) -> str:
     return "\n".join(
-        f"| {arm} | {site} | "
-        + " | ".join(f"{g[r]['gap']:+.3f} ± {g[r]['paired_se']:.3f}" for r in REGIONS)
-        + " |"
+        f"| {arm} | {site} | {gap_cells(sites, site)} |"
         for arm, sites in gaps.items()
-        for site, g in sites.items()
+        for site in sites
     )
 
 

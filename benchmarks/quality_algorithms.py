@@ -46,22 +46,16 @@ import torch
 from quality import (
     GOAL_GAP,
     HERE,
-    REGIONS,
     TRAINING_SITES,
-    artifact_transform,
-    build_datasets,
+    add_data_arguments,
     evaluate,
-    evaluation_engines,
     fedavg_gaps,
-    fit_artifact,
-    initial_weights,
-    labelled_cases,
+    gap_cells,
+    harmonized_arm,
     log,
     machine,
-    read_harmonization_artifact,
     run_config,
     train_engine,
-    write_dataset,
 )
 
 from app_site.engine import SegmentationEngine
@@ -178,10 +172,7 @@ def train_federated(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="algorithm:RxS, same budget")
-    parser.add_argument("--cases", type=int, default=24, help="average cases per site")
-    parser.add_argument("--size", type=int, default=64, help="synth matrix size (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="synth seed (default 0)")
-    parser.add_argument("--workspace", type=Path, default=Path("/tmp/quality-bench"))
+    add_data_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="smoke test: every algorithm, 4x5")
     args = parser.parse_args()
     if args.quick:
@@ -193,32 +184,25 @@ def main() -> None:
     args.workspace.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="algorithms-", dir=args.workspace)).resolve()
     try:
-        datasets = build_datasets(root, args.cases, args.size, args.seed)
         config = run_config(runs[0][1], runs[0][2], "nyul")
-        artifact = fit_artifact(config, datasets, root / "harmonization.json")
-        transform = artifact_transform(read_harmonization_artifact(artifact))
-        start = initial_weights(config)
+        arm = harmonized_arm(root, args, config)
         per_site = runs[0][1] * runs[0][2]
-        pooled = write_dataset(
-            root / "pooled",
-            [c for site in TRAINING_SITES for c in labelled_cases(datasets[site], "training")],
-            [],
+        centralized, central_record = train_engine(
+            config, arm.pooled, arm.transform, 3 * per_site, arm.start
         )
-        engines = evaluation_engines(config, datasets, transform, root / "external")
-        centralized, central_record = train_engine(config, pooled, transform, 3 * per_site, start)
         log(f"centralized: {3 * per_site} steps in {central_record['seconds']} s")
-        reference = evaluate(centralized, engines)
-        short, short_record = train_engine(config, pooled, transform, per_site, start)
+        reference = evaluate(centralized, arm.engines)
+        short, short_record = train_engine(config, arm.pooled, arm.transform, per_site, arm.start)
         results = [_run("centralized, a third of the budget", 1, per_site, short, short_record)]
         for algorithm, rounds, steps in runs:
             run_began = time.perf_counter()
             weights = train_federated(
-                run_config(rounds, steps, "nyul"), datasets, transform, start, algorithm
+                run_config(rounds, steps, "nyul"), arm.datasets, arm.transform, arm.start, algorithm
             )
             seconds = round(time.perf_counter() - run_began, 1)
             results.append(_run(algorithm, rounds, steps, weights, {"seconds": seconds}))
         for result in results:
-            evaluation = evaluate(result.pop("weights"), engines)
+            evaluation = evaluate(result.pop("weights"), arm.engines)
             result["gaps"] = fedavg_gaps(
                 {"evaluation": {"centralized": reference, "fedavg": evaluation}}
             )
@@ -270,11 +254,7 @@ def _nvflare_fedavg() -> dict[str, float]:
 def _markdown(summary: dict) -> str:
     rows = "\n".join(
         f"| {run['algorithm']} | {run['rounds']} x {run['local_steps']} | {site} | "
-        + " | ".join(
-            f"{run['gaps'][site][r]['gap']:+.3f} ± {run['gaps'][site][r]['paired_se']:.3f}"
-            for r in REGIONS
-        )
-        + " |"
+        f"{gap_cells(run['gaps'], site)} |"
         for run in summary["runs"]
         for site in TRAINING_SITES
     )

@@ -25,23 +25,17 @@ from pathlib import Path
 from quality import (
     GOAL_GAP,
     HERE,
-    REGIONS,
     TRAINING_SITES,
-    artifact_transform,
-    build_datasets,
+    add_data_arguments,
     evaluate,
-    evaluation_engines,
     fedavg_gaps,
-    fit_artifact,
-    initial_weights,
-    labelled_cases,
+    gap_cells,
+    harmonized_arm,
     log,
     machine,
-    read_harmonization_artifact,
     run_config,
     train_engine,
     train_fedavg,
-    write_dataset,
 )
 
 
@@ -56,10 +50,7 @@ def parse_schedules(text: str) -> list[tuple[int, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schedules", default="40x50,80x25,200x10", help="R x S, same budget")
-    parser.add_argument("--cases", type=int, default=24, help="average cases per site")
-    parser.add_argument("--size", type=int, default=64, help="synth matrix size (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="synth seed (default 0)")
-    parser.add_argument("--workspace", type=Path, default=Path("/tmp/quality-bench"))
+    add_data_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="smoke test: 2x10 and 4x5, tiny data")
     args = parser.parse_args()
     if args.quick:
@@ -70,27 +61,29 @@ def main() -> None:
     args.workspace.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="schedule-", dir=args.workspace)).resolve()
     try:
-        datasets = build_datasets(root, args.cases, args.size, args.seed)
         config = run_config(*schedules[0], "nyul")
-        artifact = fit_artifact(config, datasets, root / "harmonization.json")
-        transform = artifact_transform(read_harmonization_artifact(artifact))
-        start = initial_weights(config)
+        arm = harmonized_arm(root, args, config)
         budget = 3 * schedules[0][0] * schedules[0][1]
-        pooled = [c for site in TRAINING_SITES for c in labelled_cases(datasets[site], "training")]
-        central, central_record = train_engine(
-            config, write_dataset(root / "pooled", pooled, []), transform, budget, start
-        )
+        central, central_record = train_engine(config, arm.pooled, arm.transform, budget, arm.start)
         log(f"centralized: {budget} steps in {central_record['seconds']} s")
-        engines = evaluation_engines(config, datasets, transform, root / "external")
-        centralized = evaluate(central, engines)
+        centralized = evaluate(central, arm.engines)
         runs = []
         for rounds, steps in schedules:
             schedule_config = run_config(rounds, steps, "nyul")
             weights, record = train_fedavg(
-                schedule_config, datasets, artifact, root / f"fedavg-{rounds}x{steps}", start
+                schedule_config,
+                arm.datasets,
+                arm.artifact,
+                root / f"fedavg-{rounds}x{steps}",
+                arm.start,
             )
             gaps = fedavg_gaps(
-                {"evaluation": {"centralized": centralized, "fedavg": evaluate(weights, engines)}}
+                {
+                    "evaluation": {
+                        "centralized": centralized,
+                        "fedavg": evaluate(weights, arm.engines),
+                    }
+                }
             )
             worst = max(g["gap"] for site in gaps.values() for g in site.values())
             log(f"fedavg {rounds}x{steps}: {record['seconds']} s, largest gap {worst:+.3f}")
@@ -120,12 +113,8 @@ def main() -> None:
 
 def _markdown(summary: dict) -> str:
     rows = "\n".join(
-        f"| {run['rounds']} x {run['local_steps']} | {site} | "
-        + " | ".join(
-            f"{run['gaps'][site][r]['gap']:+.3f} ± {run['gaps'][site][r]['paired_se']:.3f}"
-            for r in REGIONS
-        )
-        + f" | {run['seconds'] / 60:.1f} |"
+        f"| {run['rounds']} x {run['local_steps']} | {site} | {gap_cells(run['gaps'], site)} | "
+        f"{run['seconds'] / 60:.1f} |"
         for run in summary["schedules"]
         for site in TRAINING_SITES
     )
