@@ -35,14 +35,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from monai.transforms import Transform
 from quality import (
     GOAL_GAP,
     HERE,
@@ -52,9 +51,11 @@ from quality import (
     fedavg_gaps,
     gap_cells,
     harmonized_arm,
+    largest_gap,
     log,
     machine,
     run_config,
+    scratch_folder,
     train_engine,
 )
 
@@ -127,7 +128,11 @@ def share_second_moments(engines: list[SegmentationEngine]) -> None:
 
 
 def train_federated(
-    config: RunConfig, datasets: dict[str, Path], transform, start: Weights, algorithm: str
+    config: RunConfig,
+    datasets: dict[str, Path],
+    transform: Transform | None,
+    start: Weights,
+    algorithm: str,
 ) -> Weights:
     """Runs one federated algorithm over the training sites in this process.
 
@@ -181,9 +186,7 @@ def main() -> None:
     runs = parse_runs(args.runs)
 
     began = time.perf_counter()
-    args.workspace.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="algorithms-", dir=args.workspace)).resolve()
-    try:
+    with scratch_folder(args.workspace, "algorithms-") as root:
         config = run_config(runs[0][1], runs[0][2], "nyul")
         arm = harmonized_arm(root, args, config)
         per_site = runs[0][1] * runs[0][2]
@@ -193,27 +196,25 @@ def main() -> None:
         log(f"centralized: {3 * per_site} steps in {central_record['seconds']} s")
         reference = evaluate(centralized, arm.engines)
         short, short_record = train_engine(config, arm.pooled, arm.transform, per_site, arm.start)
-        results = [_run("centralized, a third of the budget", 1, per_site, short, short_record)]
+        results = [
+            _run("centralized, a third of the budget", 1, per_site, short, short_record["seconds"])
+        ]
         for algorithm, rounds, steps in runs:
             run_began = time.perf_counter()
             weights = train_federated(
                 run_config(rounds, steps, "nyul"), arm.datasets, arm.transform, arm.start, algorithm
             )
             seconds = round(time.perf_counter() - run_began, 1)
-            results.append(_run(algorithm, rounds, steps, weights, {"seconds": seconds}))
+            results.append(_run(algorithm, rounds, steps, weights, seconds))
         for result in results:
             evaluation = evaluate(result.pop("weights"), arm.engines)
             result["gaps"] = fedavg_gaps(
                 {"evaluation": {"centralized": reference, "fedavg": evaluation}}
             )
-            result["largest_gap"] = max(
-                g["gap"] for site in result["gaps"].values() for g in site.values()
-            )
+            result["largest_gap"] = largest_gap(result["gaps"])
             result["within_goal"] = result["largest_gap"] <= GOAL_GAP
             log(f"{result['algorithm']} {result['rounds']}x{result['local_steps']}: "
                 f"largest gap {result['largest_gap']:+.3f}")  # fmt: skip
-    finally:
-        shutil.rmtree(root)
     summary = {
         "benchmark": "quality_algorithms",
         "synth": {"sites": 4, "cases_per_site": args.cases, "size": args.size, "seed": args.seed},
@@ -232,12 +233,12 @@ def main() -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
 
 
-def _run(algorithm: str, rounds: int, steps: int, weights: Weights, record: dict) -> dict:
+def _run(algorithm: str, rounds: int, steps: int, weights: Weights, seconds: float) -> dict:
     return {
         "algorithm": algorithm,
         "rounds": rounds,
         "local_steps": steps,
-        "seconds": record["seconds"],
+        "seconds": seconds,
         "weights": weights,
     }
 

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 from quality import (
     GOAL_GAP,
@@ -31,9 +28,11 @@ from quality import (
     fedavg_gaps,
     gap_cells,
     harmonized_arm,
+    largest_gap,
     log,
     machine,
     run_config,
+    scratch_folder,
     train_engine,
     train_fedavg,
 )
@@ -58,9 +57,7 @@ def main() -> None:
     schedules = parse_schedules(args.schedules)
 
     began = time.perf_counter()
-    args.workspace.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="schedule-", dir=args.workspace)).resolve()
-    try:
+    with scratch_folder(args.workspace, "schedule-") as root:
         config = run_config(*schedules[0], "nyul")
         arm = harmonized_arm(root, args, config)
         budget = 3 * schedules[0][0] * schedules[0][1]
@@ -77,23 +74,15 @@ def main() -> None:
                 root / f"fedavg-{rounds}x{steps}",
                 arm.start,
             )
-            gaps = fedavg_gaps(
-                {
-                    "evaluation": {
-                        "centralized": centralized,
-                        "fedavg": evaluate(weights, arm.engines),
-                    }
-                }
-            )
-            worst = max(g["gap"] for site in gaps.values() for g in site.values())
+            evaluation = {"centralized": centralized, "fedavg": evaluate(weights, arm.engines)}
+            gaps = fedavg_gaps({"evaluation": evaluation})
+            worst = largest_gap(gaps)
             log(f"fedavg {rounds}x{steps}: {record['seconds']} s, largest gap {worst:+.3f}")
             runs.append({
                 "rounds": rounds, "local_steps": steps, "seconds": record["seconds"],
                 "steps": record["steps"], "same_initial_model": record["same_initial_model"],
                 "gaps": gaps, "largest_gap": worst, "within_goal": worst <= GOAL_GAP,
             })  # fmt: skip
-    finally:
-        shutil.rmtree(root)
     summary = {
         "benchmark": "quality_schedule",
         "synth": {"sites": 4, "cases_per_site": args.cases, "size": args.size, "seed": args.seed},
