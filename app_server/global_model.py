@@ -3,8 +3,10 @@
 :class:`GlobalModelPersistor` starts from the job's initial model (or, in a resumed job, from
 the interrupted job's last global model) and keeps the latest global model in the server's app
 folder: in an encrypted job only as the packed ciphertext (it refuses anything else, so no
-trained weight is ever written in plaintext), in a plaintext job as a PyTorch state dict. Next
-to it, a checkpoint record names the round the model completes and the model's hash; that is
+trained weight is ever written in plaintext), in a plaintext job as a PyTorch state dict of
+the network (the shared AdamW moments of :mod:`fedseg.moments`, when the job has them, go to a
+file of their own, so the model file loads into the network as it is). Next to it, a
+checkpoint record names the round the model completes and the model's hash; that is
 what ``fedseg job resume`` starts from (:mod:`jobs.resume`). :class:`GlobalModelLocator` hands
 the model to NVFlare's cross-site evaluation.
 """
@@ -28,11 +30,14 @@ from nvflare.app_common.model_desc import ModelDescriptor
 
 from fedseg.files import file_sha256, write_json_atomic
 from fedseg.messages import PACKED_ALGORITHM, PACKED_KEY
+from fedseg.moments import split_moments
 from fedseg.packed_ckks import PackedMessage
 
 #: The persisted global model, in the server's app folder.
 ENCRYPTED_MODEL_FILE = "FL_global_model.fedseg-ckks"
 PLAINTEXT_MODEL_FILE = "FL_global_model.pt"
+#: A plaintext job's shared AdamW moments, next to the model.
+PLAINTEXT_MOMENTS_FILE = "FL_global_moments.pt"
 #: The checkpoint record, next to the persisted model.
 CHECKPOINT_FILE = "fedseg_checkpoint.json"
 
@@ -101,7 +106,12 @@ class GlobalModelPersistor(ModelPersistor):
             PackedMessage.from_bytes(weights[PACKED_KEY])  # a well-formed packed message
             temporary.write_bytes(weights[PACKED_KEY])
         else:
-            torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}, temporary)
+            network, moments = split_moments(weights)
+            torch.save(_tensors(network), temporary)
+            if moments:
+                moments_path = path.with_name(PLAINTEXT_MOMENTS_FILE)
+                torch.save(_tensors(moments), moments_path.with_name(f".tmp-{moments_path.name}"))
+                os.replace(moments_path.with_name(f".tmp-{moments_path.name}"), moments_path)
         record_path = path.with_name(CHECKPOINT_FILE)
         previous = json.loads(record_path.read_text()) if record_path.is_file() else None
         record = {
@@ -128,7 +138,9 @@ class GlobalModelPersistor(ModelPersistor):
             return None
         if self.encrypted:
             return make_model_learnable({PACKED_KEY: path.read_bytes()}, {})
-        return make_model_learnable(_read_state(path), {})
+        moments = path.with_name(PLAINTEXT_MOMENTS_FILE)
+        state = _read_state(path) | (_read_state(moments) if moments.is_file() else {})
+        return make_model_learnable(state, {})
 
 
 class GlobalModelLocator(ModelLocator):
@@ -157,6 +169,10 @@ class GlobalModelLocator(ModelLocator):
 
 def _app_root(fl_ctx: FLContext) -> Path:
     return Path(fl_ctx.get_prop(FLContextKey.APP_ROOT))
+
+
+def _tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}
 
 
 def _read_state(path: Path) -> dict[str, np.ndarray]:

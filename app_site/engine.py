@@ -41,6 +41,7 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor, set_determinism
 
 from fedseg.config import RunConfig, ValidationConfig, scheduled_learning_rate
+from fedseg.moments import moment_name, moments_problem
 from models.networks import build_network
 from transforms.base import Applyd
 from transforms.regions import REGIONS, LabelsToRegionsd
@@ -385,6 +386,46 @@ class SegmentationEngine:
         """Loads parameters (for example the global model); keys must match exactly."""
         state = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
         self.model.load_state_dict(state, strict=True)
+
+    def gradient_rms(self) -> dict[str, np.ndarray]:
+        """AdamW's gradient RMS per parameter (root of its second moment), to share.
+
+        Keyed by the shared names of :mod:`fedseg.moments`; zeros for a parameter not yet
+        stepped.
+        """
+        shared = {}
+        for name, parameter in self.model.named_parameters():
+            moment = self.optimizer.state.get(parameter, {}).get("exp_avg_sq")
+            rms = moment.sqrt() if moment is not None else torch.zeros_like(parameter)
+            shared[moment_name(name)] = rms.detach().cpu().numpy().copy()
+        return shared
+
+    def load_gradient_rms(self, shared: dict[str, np.ndarray], steps_done: int) -> None:
+        """Starts AdamW from the federation's gradient RMS (see :meth:`gradient_rms`).
+
+        All-zero values (the job's initial model) mean "none yet": the optimizer keeps its own.
+        A parameter without optimizer state yet (a site that joined late) gets a fresh one at
+        step ``steps_done``, with the shared second moment and no momentum.
+
+        Raises:
+            ValueError: If they do not fit the network or hold non-finite values.
+        """
+        problem = moments_problem(self.model, shared)
+        if problem:
+            raise ValueError(f"{problem}; refusing to train")
+        if not any(np.any(np.asarray(values) != 0) for values in shared.values()):
+            return
+        for name, parameter in self.model.named_parameters():
+            # CKKS noise may leave a zero slightly negative.
+            rms = torch.as_tensor(np.asarray(shared[moment_name(name)])).clamp(min=0)
+            moment = rms.to(parameter.device, parameter.dtype).square()
+            state = self.optimizer.state[parameter]
+            if "exp_avg_sq" in state:
+                state["exp_avg_sq"].copy_(moment)
+            else:
+                state["step"] = torch.tensor(float(max(steps_done, 1)))
+                state["exp_avg"] = torch.zeros_like(parameter)
+                state["exp_avg_sq"] = moment
 
     def train(self, steps: int, first_step: int = 0, total_steps: int | None = None) -> TrainResult:
         """Runs ``steps`` optimizer steps on random crops.

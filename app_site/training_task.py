@@ -2,7 +2,9 @@
 
 Each round the site validates the global model it received on its own validation split,
 trains locally, and sends its model with the number of steps (the job decides how it travels:
-as a difference to the global model, or encrypted by the job's HE filters). ``evaluate`` tasks
+as a difference to the global model, or encrypted by the job's HE filters). When the job
+shares AdamW's moments (its manifest says so), the site starts training from the global
+model's gradient RMS and sends its own with its model (:mod:`fedseg.moments`). ``evaluate`` tasks
 (the final global model's validation, cross-site evaluation) and ``submit_model`` tasks are
 served too. Each result declares a small report (metrics per region and per hashed case id,
 training loss, steps and time, device and data counts; never images or weights) that the
@@ -35,6 +37,7 @@ from fedseg.messages import (
     REFUSED_META_KEY,
     REPORT_META_KEY,
 )
+from fedseg.moments import split_moments
 
 RUN_CONFIG_FILE = "fedseg_run.yaml"
 ARTIFACT_FILE = "fedseg_harmonization.json"
@@ -161,6 +164,7 @@ def run(script_folder: Path) -> None:
         site=site
     )
     record = _SiteRecord(metrics_path, site, engine, dataset, manifest)
+    shares_moments = bool(manifest.get("shared_moments"))
 
     while flare.is_running():
         task = flare.receive()
@@ -169,12 +173,14 @@ def run(script_folder: Path) -> None:
         if flare.is_submit_model():  # carries no weights: send this site's local model
             flare.send(FLModel(params=_tensors(engine.weights())))
             continue
-        received = {k: np.asarray(v) for k, v in task.params.items()}
+        received, shared = split_moments({k: np.asarray(v) for k, v in task.params.items()})
         check_fits(engine, received)
         engine.load_weights(received)
         if flare.is_train():
             cases = engine.validate().cases
             steps = config.training.local_steps
+            if shares_moments:
+                engine.load_gradient_rms(shared, steps_done=task.current_round * steps)
             trained = engine.train(steps, first_step=task.current_round * steps)
             metrics = summarize(cases)
             report = record.round(task.current_round, metrics, cases, trained)
@@ -186,6 +192,8 @@ def run(script_folder: Path) -> None:
                 meta[REFUSED_META_KEY] = refusal
                 flare.send(FLModel(metrics=metrics, current_round=task.current_round, meta=meta))
                 continue
+            if shares_moments:
+                weights.update(engine.gradient_rms())
             # Full weights here; the job's transfer type or HE filters decide what travels.
             flare.send(
                 FLModel(

@@ -439,8 +439,8 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40, help="FedAvg rounds R (default 40)")
-    parser.add_argument("--local-steps", type=int, default=50, help="local steps S (default 50)")
+    parser.add_argument("--rounds", type=int, default=200, help="FedAvg rounds R (default 200)")
+    parser.add_argument("--local-steps", type=int, default=10, help="local steps S (default 10)")
     add_data_arguments(parser)
     parser.add_argument("--keep", action="store_true", help="keep the workspace (logs, models)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 rounds of 10 steps")
@@ -492,6 +492,11 @@ def _markdown(summary: dict) -> str:
     cases = ", ".join(
         f"{site} {c['training']} + {c['validation']}" for site, c in summary["cases"].items()
     )
+    moments = (
+        "sharing their AdamW second moments through the global model (`training.shared_moments`)"
+        if training.get("shared_moments")
+        else "each keeping its own AdamW moments"
+    )
     return f"""# Segmentation quality: local-only, centralized and FedAvg, raw and harmonized
 
 Command: `python benchmarks/quality.py` (results: `benchmarks/results/quality.json`).
@@ -512,7 +517,7 @@ Run configuration (both arms; `tiny` with the benchmark's schedule): `{config["m
 `{json.dumps(config["model"]["args"])}`, spacing {data["spacing"]} mm, crops \
 {data["roi_size"]}, batch {training["batch_size"]}, {training["optimizer"]} at learning rate \
 {training["learning_rate"]} ({training["lr_schedule"]} schedule over each model's whole run, \
-weight decay {training["weight_decay"]}), seed \
+weight decay {training["weight_decay"]}), FedAvg's sites {moments}, seed \
 {training["seed"]}, CPU, no AMP; validation by sliding window (overlap \
 {config["validation"]["overlap"]}). `harmonized`: Nyúl ({config["harmonization"]["mask"]} \
 mask) fitted from the three training sites' declared statistics with `combine_statistics` \

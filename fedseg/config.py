@@ -79,6 +79,9 @@ class TrainingConfig:
     ``poly`` decays the learning rate as ``(1 - step / total) ** 0.9``, so the last rounds
     make small steps and the sites' models stop pulling the average apart; ``constant`` keeps
     ``learning_rate`` throughout.
+    ``shared_moments`` (AdamW only) has the sites share AdamW's second moments through the
+    global model (:mod:`fedseg.moments`), so that every site scales its steps alike; off,
+    each site keeps its own.
     """
 
     optimizer: str = "adamw"
@@ -95,6 +98,7 @@ class TrainingConfig:
     cudnn_benchmark: bool = False
     device: str = "auto"
     seed: int = 0
+    shared_moments: bool = False
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,8 @@ def _check_values(config: RunConfig, where: str) -> None:
     training = config.training
     if training.optimizer not in ("adamw", "sgd"):
         problems.append("training.optimizer must be adamw or sgd")
+    if training.shared_moments and training.optimizer != "adamw":
+        problems.append("training.shared_moments needs training.optimizer adamw")
     if training.learning_rate <= 0:
         problems.append("training.learning_rate must be positive")
     if training.lr_schedule not in LR_SCHEDULES:

@@ -8,8 +8,10 @@ reports). :func:`find_resume_point` reads and checks them;
 :func:`jobs.segmentation.segmentation_recipe` builds the job that trains the remaining rounds
 from that model and reports every round of both jobs, each exactly once.
 
-What does not carry over: the sites' optimizer moments and data order restart with the new
-job's processes, so a resumed job is not bit-for-bit the uninterrupted one.
+What does not carry over: the sites' own optimizer state and data order restart with the new
+job's processes (the shared moments of :mod:`fedseg.moments` carry over inside an encrypted
+job's ciphertext; a plaintext job starts them from zeros), so a resumed job is not
+bit-for-bit the uninterrupted one.
 """
 
 from __future__ import annotations

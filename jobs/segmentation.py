@@ -13,12 +13,17 @@ In every mode each site validates the global model it receives before training, 
 metrics with its update, and validates the final global model after the last round (not with
 ``stock``: NVFlare 2.9 cannot send its encrypted models to sites outside training); the server
 gathers these reports into ``fedseg_site_reports.json``.
+
+With ``training.shared_moments`` the global model also carries the sites' averaged AdamW
+gradient RMS (:mod:`fedseg.moments`), starting from zeros in the initial model; not with
+``stock``, whose NVFlare persistor holds the network alone (its sites keep their own moments).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -50,8 +55,11 @@ from app_site.he_filters import OutgoingAudit, PackedHEDecryptor, PackedHEEncryp
 from app_site.training_task import ARTIFACT_FILE, JOB_MANIFEST_FILE, RUN_CONFIG_FILE
 from fedseg.config import RunConfig
 from fedseg.files import write_json_atomic
+from fedseg.moments import zero_moments
 from jobs.resume import ResumePoint
 from models.networks import NETWORKS, build_network
+
+logger = logging.getLogger(__name__)
 
 CLIENT_SCRIPT = Path(__file__).resolve().parent / "scripts" / "segmentation_client.py"
 #: How updates travel: see the module docstring.
@@ -118,7 +126,15 @@ def segmentation_recipe(
     else:
         job = _scatter_and_gather(config, name, min_sites, encryption == "packed", staging, resume)
         recipe = _packed_he_recipe(job) if encryption == "packed" else _plaintext_recipe(job)
-    settings = {"encryption": encryption, "min_sites": min_sites, "name": name}
+    shared_moments = config.training.shared_moments and encryption != "stock"
+    if config.training.shared_moments and not shared_moments:
+        logger.warning("encryption stock carries the network alone: sites keep their own moments")
+    settings = {
+        "encryption": encryption,
+        "min_sites": min_sites,
+        "name": name,
+        "shared_moments": shared_moments,
+    }
     for path in _job_files(config, harmonization_artifact, settings, staging):
         recipe._job.add_file_to(str(path), ALL_SITES)  # Recipe keeps its FedJob private
     recipe.add_server_input_filter(
@@ -170,11 +186,17 @@ def _scatter_and_gather(
     job = FedJob(name=name, min_clients=min_sites)
     if resume is None:
         start_round, resumed_round = 0, None
-        initial_model = _write_initial_model(config, staging / INITIAL_MODEL_FILE)
+        initial_model = _write_initial_model(
+            config, staging / INITIAL_MODEL_FILE, config.training.shared_moments
+        )
     else:
         start_round, resumed_round = resume.next_round, resume.next_round - 1
         initial_model = staging / f"{RESUMED_MODEL_STEM}{resume.model.suffix}"
-        shutil.copyfile(resume.model, initial_model)
+        if encrypted or not config.training.shared_moments:  # ciphertext holds its moments
+            shutil.copyfile(resume.model, initial_model)
+        else:  # the plaintext model file holds the network alone: moments start again
+            state = torch.load(resume.model, map_location="cpu", weights_only=True)
+            torch.save({**state, **zero_moments(_network(config))}, initial_model)
         write_json_atomic(staging / RESUMED_REPORTS_FILE, resume.reports)
         job.add_file_to(str(staging / RESUMED_REPORTS_FILE), SERVER_SITE_NAME)
     job.add_file_to(str(initial_model), SERVER_SITE_NAME)
@@ -240,12 +262,20 @@ def _model_spec(config: RunConfig) -> dict:
     return {"class_path": f"{network.__module__}.{network.__name__}", "args": config.model.args}
 
 
-def _write_initial_model(config: RunConfig, path: Path) -> Path:
-    """The initial global model: the configured network built with ``training.seed``."""
+def _network(config: RunConfig) -> torch.nn.Module:
+    """The configured network, built with ``training.seed``."""
     with torch.random.fork_rng():
         torch.manual_seed(config.training.seed)
-        network = build_network(config.model.name, **config.model.args)
-    torch.save(network.state_dict(), path)
+        return build_network(config.model.name, **config.model.args)
+
+
+def _write_initial_model(config: RunConfig, path: Path, shared_moments: bool = False) -> Path:
+    """The initial global model; with ``shared_moments``, zero moments ("none yet") too."""
+    network = _network(config)
+    state = network.state_dict()
+    if shared_moments:
+        state.update(zero_moments(network))
+    torch.save(state, path)
     return path
 
 

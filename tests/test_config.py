@@ -65,6 +65,8 @@ def test_a_yaml_file_overrides_defaults(tmp_path):
         ({"validation": {"overlap": 1.0}}, "validation.overlap must be in [0, 1)"),
         ({"training": {"lr_schedule": "cosine"}},
          "training.lr_schedule must be one of poly, constant"),
+        ({"training": {"optimizer": "sgd", "shared_moments": True}},
+         "training.shared_moments needs training.optimizer adamw"),
     ],
 )  # fmt: skip
 def test_invalid_configurations_name_the_problem(document, message):

@@ -21,11 +21,12 @@ import tenseal as ts
 import torch
 
 from app_server import federation as poc
-from app_server.global_model import ENCRYPTED_MODEL_FILE
+from app_server.global_model import ENCRYPTED_MODEL_FILE, PLAINTEXT_MOMENTS_FILE
 from app_server.site_reports import read_site_reports
 from app_site.he_filters import AUDIT_FILE, DECLARED_META_KEYS
 from fedseg.config import load_config
 from fedseg.messages import PACKED_KEY
+from fedseg.moments import MOMENTS_PREFIX
 from fedseg.packed_ckks import MAGIC, CkksKeys, decrypt_model
 from jobs.runner import run_in_federation
 from tests.federation.homes import isolated_home
@@ -120,10 +121,8 @@ def test_the_server_holds_no_trained_weight_in_plaintext(federation_run):
     federation = federation_run["federation"]
     persisted = sorted((federation_run["he"] / "segmentation").rglob(ENCRYPTED_MODEL_FILE))
     assert persisted, "the server persisted its encrypted global model"
-    blob = persisted[0].read_bytes()
-    assert blob.startswith(MAGIC)
-    site_key = CkksKeys.from_file(federation.kit("site-1") / "startup" / "client_context.tenseal")
-    final = decrypt_model(site_key, blob)  # only a site can do this
+    assert persisted[0].read_bytes().startswith(MAGIC)
+    final = decrypted_global_model(federation_run)  # only a site can do this
     initial = torch.load(
         next((federation_run["he"] / "segmentation").rglob("fedseg_initial_model.pt")),
         weights_only=True,
@@ -146,6 +145,26 @@ def test_the_server_holds_no_trained_weight_in_plaintext(federation_run):
             searched += 1
             assert not [n for n in needles if n in content], f"{name}: trained weights in plaintext"
     assert searched > 50
+
+
+def decrypted_global_model(federation_run):
+    """The encrypted job's persisted global model, decrypted with a site's key."""
+    federation = federation_run["federation"]
+    (persisted,) = (federation_run["he"] / "segmentation").rglob(ENCRYPTED_MODEL_FILE)
+    site_key = CkksKeys.from_file(federation.kit("site-1") / "startup" / "client_context.tenseal")
+    return decrypt_model(site_key, persisted.read_bytes())
+
+
+def test_the_encrypted_global_model_carries_the_sites_shared_moments(federation_run):
+    """The packed aggregate averages the gradient RMS as the plaintext job does."""
+    final = decrypted_global_model(federation_run)
+    (plain_file,) = (federation_run["plain"] / "segmentation").rglob(PLAINTEXT_MOMENTS_FILE)
+    plain = torch.load(plain_file, weights_only=True)
+    assert plain and plain.keys() == {k for k in final if k.startswith(MOMENTS_PREFIX)}
+    encrypted = np.concatenate([final[k].ravel() for k in sorted(plain)])
+    reference = np.concatenate([plain[k].numpy().ravel() for k in sorted(plain)])
+    assert np.linalg.norm(reference) > 0, "the sites shared non-zero moments"
+    assert np.linalg.norm(encrypted - reference) <= 0.05 * np.linalg.norm(reference)
 
 
 def file_contents(folder):

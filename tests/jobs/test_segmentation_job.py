@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from app_server.global_model import CHECKPOINT_FILE, PLAINTEXT_MODEL_FILE
+from app_server.global_model import CHECKPOINT_FILE, PLAINTEXT_MODEL_FILE, PLAINTEXT_MOMENTS_FILE
 from app_server.site_reports import SITE_REPORTS_FILE
+from app_site.he_filters import AUDIT_FILE
 from fedseg.config import load_config
+from fedseg.moments import zero_moments
 from jobs.resume import ResumeError, find_resume_point
 from jobs.runner import export_job
+from models.networks import build_network
 
 FEDSEG = str(Path(sys.executable).with_name("fedseg"))
 
@@ -96,6 +99,26 @@ def test_the_same_run_gives_the_same_global_model_bit_for_bit(datasets, tmp_path
     )
     assert first.keys() == second.keys()
     assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_sites_share_their_adamw_moments_and_the_model_file_holds_the_network(job_run):
+    workdir, _ = job_run
+    network = build_network("unet", **load_config("tiny").model.args)
+    server = next((workdir / "simulation").rglob(f"app_server/{PLAINTEXT_MODEL_FILE}")).parent
+    network.load_state_dict(torch.load(server / PLAINTEXT_MODEL_FILE, weights_only=True))
+    moments = torch.load(server / PLAINTEXT_MOMENTS_FILE, weights_only=True)
+    assert moments.keys() == zero_moments(network).keys()
+    assert all(bool((v >= 0).all() and v.isfinite().all()) for v in moments.values())
+    assert sum(int((v > 0).sum()) for v in moments.values()) > 0.9 * sum(
+        v.numel() for v in moments.values()
+    ), "the global model carries the sites' averaged gradient RMS"
+    audits = sorted((workdir / "simulation").rglob(AUDIT_FILE))
+    assert len(audits) == 3
+    for audit in audits:
+        records = [json.loads(line) for line in audit.read_text().splitlines()]
+        train = [r for r in records if r["task"] == "train"]
+        assert len(train) == 2 and all(r["kind"] == "WEIGHT_DIFF" for r in train)
+        assert all(set(moments) < set(r["data"]) for r in train), "each update carried them"
 
 
 def test_a_site_refuses_an_altered_artifact(datasets, tmp_path, job_run):

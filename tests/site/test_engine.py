@@ -27,6 +27,7 @@ from app_site.engine import (
 from app_site.harmonization import site_statistics
 from fedseg.config import RunConfig, load_config, scheduled_learning_rate
 from fedseg.harmonization import HarmonizationConfig, artifact_transform, combine_statistics
+from fedseg.moments import moment_name
 from transforms.regions import LabelsToRegions
 
 CUDA = torch.device("cuda")
@@ -107,6 +108,46 @@ def test_weights_round_trip(engine):
     key = next(k for k, v in weights.items() if v.dtype.kind == "f")
     np.testing.assert_allclose(restored[key], weights[key] + 1.0)
     engine.load_weights(weights)
+
+
+def test_gradient_rms_is_shared_through_adamw_state(datasets, harmonization):
+    """Sites start a round from the shared gradient RMS; a fresh site gets a full AdamW state."""
+    config = load_config("tiny")
+    trained = SegmentationEngine(config, datasets["site-1"], harmonization)
+    assert all(not np.any(v) for v in trained.gradient_rms().values()), "zeros before a step"
+    trained.train(3)
+    shared = trained.gradient_rms()
+    parameters = dict(trained.model.named_parameters())
+    assert set(shared) == {moment_name(name) for name in parameters}
+    for name, parameter in parameters.items():
+        expected = trained.optimizer.state[parameter]["exp_avg_sq"].sqrt().numpy()
+        np.testing.assert_allclose(shared[moment_name(name)], expected)
+    assert any(np.any(v > 0) for v in shared.values())
+
+    fresh = SegmentationEngine(config, datasets["site-2"], harmonization)
+    fresh.load_gradient_rms({k: np.zeros_like(v) for k, v in shared.items()}, steps_done=0)
+    assert not fresh.optimizer.state, "zeros from the initial model change nothing"
+    noisy = {k: v - 1e-9 for k, v in shared.items()}  # CKKS noise around zero
+    fresh.load_gradient_rms(noisy, steps_done=30)
+    for name, parameter in fresh.model.named_parameters():
+        state = fresh.optimizer.state[parameter]
+        np.testing.assert_allclose(
+            state["exp_avg_sq"].numpy(), np.maximum(noisy[moment_name(name)], 0) ** 2
+        )
+        assert float(state["step"]) == 30 and not state["exp_avg"].any()
+    before = fresh.weights()
+    fresh.train(2)  # AdamW accepts the state it was given and moves the weights
+    assert any(not np.array_equal(before[k], v) for k, v in fresh.weights().items())
+
+    trained.load_gradient_rms(fresh.gradient_rms(), steps_done=3)
+    own = trained.optimizer.state[next(trained.model.parameters())]
+    assert float(own["step"]) == 3, "a site keeps its own step count and momentum"
+    wrong = dict(shared)
+    wrong.pop(next(iter(wrong)))
+    with pytest.raises(ValueError, match=r"missing optimizer\.grad_rms"):
+        trained.load_gradient_rms(wrong, steps_done=3)
+    with pytest.raises(ValueError, match="non-finite"):
+        trained.load_gradient_rms({k: v * np.nan for k, v in shared.items()}, steps_done=3)
 
 
 def test_region_metric_conventions():
