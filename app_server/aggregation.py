@@ -30,6 +30,7 @@ from nvflare.app_common.app_constant import AppConstants
 from app_server.report_collector import site_reports_for
 from fedseg.he_context import SERVER_CONTEXT_FILE, load_provisioned_keys
 from fedseg.messages import PACKED_ALGORITHM, PACKED_KEY, REFUSED_META_KEY
+from fedseg.moments import MOMENTS_PREFIX
 from fedseg.packed_ckks import EncryptedSum, PackedCkksError
 
 
@@ -188,6 +189,11 @@ class PlaintextAggregator(_RoundAggregator):
                     f"update norm {norm:.3g} is over {self.outlier_factor:g} times the median "
                     f"of the other sites' ({float(np.median(others)):.3g})"
                 )
+                if any(name.startswith(MOMENTS_PREFIX) for name in self._updates[site][0]):
+                    reason += (
+                        "; with shared moments updates scale with each site's gradients: "
+                        "harmonize the sites' intensities, or raise federation.outlier_factor"
+                    )
                 refused.append((site, reason))
         for site, _ in refused:
             self._updates.pop(site)

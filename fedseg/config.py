@@ -110,7 +110,9 @@ class FederationConfig:
     ``training.min_sites`` arrived within ``round_timeout`` seconds (0: wait forever). A site
     refuses to send an update whose distance to the global model exceeds ``max_update_ratio``
     times the global model's norm; in a plaintext job the server also refuses an update whose
-    norm exceeds ``outlier_factor`` times the median of the other sites' updates.
+    norm exceeds ``outlier_factor`` times the median of the other sites' updates (with
+    ``training.shared_moments`` the sites' update norms follow their gradients' scale: sites
+    whose intensities differ by orders of magnitude need harmonization or a larger factor).
     """
 
     straggler_seconds: int = 60
