@@ -509,7 +509,7 @@ def _markdown(summary: dict) -> str:
     moments = (
         "sharing their AdamW second moments through the global model (`training.shared_moments`)"
         if training.get("shared_moments")
-        else "each keeping its own AdamW moments"
+        else "each keeping their own AdamW moments"
     )
     return f"""# Segmentation quality: local-only, centralized and FedAvg, raw and harmonized
 
