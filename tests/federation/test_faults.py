@@ -20,6 +20,7 @@ from app_server.aggregation import PlaintextAggregator, RoundTooSmall
 from app_server.site_reports import SITE_REPORTS_FILE
 from benchmarks.he_pipelines import LocalEngine
 from fedseg.config import config_from_dict, load_config
+from fedseg.moments import moment_name
 from jobs.runner import export_job, run_job
 from models.networks import build_network
 
@@ -115,6 +116,21 @@ def test_the_server_refuses_non_finite_and_outlier_updates_in_a_plaintext_job(tm
     assert submit(aggregator, fl_ctx, "site-1", honest[0])
     with pytest.raises(RoundTooSmall, match=r"1 usable update\(s\) \(site-1\), the job needs 2"):
         aggregator.aggregate(fl_ctx)
+
+
+def test_an_outlier_refusal_in_a_job_sharing_moments_says_what_to_do(tmp_path):
+    aggregator = PlaintextAggregator(min_sites=2, outlier_factor=10.0)
+    fl_ctx = server_context(tmp_path)
+    aggregator.reset(fl_ctx)
+    moment = moment_name("w")
+    updates = [{"w": np.full(8, scale), moment: np.full(8, scale)} for scale in (0.01, 0.01, 1.0)]
+    for number, update in enumerate(updates, start=1):
+        assert submit(aggregator, fl_ctx, f"site-{number}", update)
+    aggregate = from_shareable(aggregator.aggregate(fl_ctx)).data
+    np.testing.assert_allclose(aggregate[moment], 0.01)  # averaged with the weights
+    stored = json.loads(next(tmp_path.rglob(SITE_REPORTS_FILE)).read_text())
+    (refusal,) = stored["refusals"]
+    assert refusal["site"] == "site-3" and "harmonize the sites' intensities" in refusal["reason"]
 
 
 def test_the_global_model_does_not_depend_on_the_order_updates_arrive_in(tmp_path):
