@@ -109,9 +109,9 @@ class GlobalModelPersistor(ModelPersistor):
             network, moments = split_moments(weights)
             torch.save(_tensors(network), temporary)
             if moments:
-                moments_path = path.with_name(PLAINTEXT_MOMENTS_FILE)
-                torch.save(_tensors(moments), moments_path.with_name(f".tmp-{moments_path.name}"))
-                os.replace(moments_path.with_name(f".tmp-{moments_path.name}"), moments_path)
+                moments_temporary = path.with_name(f".tmp-{PLAINTEXT_MOMENTS_FILE}")
+                torch.save(_tensors(moments), moments_temporary)
+                os.replace(moments_temporary, path.with_name(PLAINTEXT_MOMENTS_FILE))
         record_path = path.with_name(CHECKPOINT_FILE)
         previous = json.loads(record_path.read_text()) if record_path.is_file() else None
         record = {

@@ -71,7 +71,7 @@ from fedseg.harmonization import (
 )
 from fedseg.synth.hospitals import SynthConfig, synthesize_hospitals
 from jobs.runner import run_job
-from models.networks import build_network
+from jobs.segmentation import initial_network
 
 HERE = Path(__file__).resolve().parent
 TRAINING_SITES = ("site-1", "site-2", "site-3")
@@ -165,10 +165,8 @@ def fit_artifact(config: RunConfig, datasets: dict[str, Path], path: Path) -> Pa
 
 
 def initial_weights(config: RunConfig) -> dict[str, np.ndarray]:
-    """The initial model, built from ``training.seed`` as the FedAvg job builds its own."""
-    with torch.random.fork_rng():
-        torch.manual_seed(config.training.seed)
-        network = build_network(config.model.name, **config.model.args)
+    """The FedAvg job's initial model (:func:`jobs.segmentation.initial_network`)."""
+    network = initial_network(config)
     return {key: value.detach().numpy().copy() for key, value in network.state_dict().items()}
 
 

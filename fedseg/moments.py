@@ -57,7 +57,7 @@ def moments_problem(network: torch.nn.Module, moments: dict) -> str | None:
     Checks names (one per parameter), shapes and finiteness (CKKS noise may leave
     a zero slightly negative: the engine clamps those).
     """
-    expected = {k: tuple(v.shape) for k, v in zero_moments(network).items()}
+    expected = {moment_name(n): tuple(p.shape) for n, p in network.named_parameters()}
     missing = sorted(expected.keys() - moments.keys())
     unexpected = sorted(moments.keys() - expected.keys())
     if missing or unexpected:

@@ -196,7 +196,7 @@ def _scatter_and_gather(
             shutil.copyfile(resume.model, initial_model)
         else:  # the plaintext model file holds the network alone: moments start again
             state = torch.load(resume.model, map_location="cpu", weights_only=True)
-            torch.save({**state, **zero_moments(_network(config))}, initial_model)
+            torch.save({**state, **zero_moments(initial_network(config))}, initial_model)
         write_json_atomic(staging / RESUMED_REPORTS_FILE, resume.reports)
         job.add_file_to(str(staging / RESUMED_REPORTS_FILE), SERVER_SITE_NAME)
     job.add_file_to(str(initial_model), SERVER_SITE_NAME)
@@ -262,8 +262,8 @@ def _model_spec(config: RunConfig) -> dict:
     return {"class_path": f"{network.__module__}.{network.__name__}", "args": config.model.args}
 
 
-def _network(config: RunConfig) -> torch.nn.Module:
-    """The configured network, built with ``training.seed``."""
+def initial_network(config: RunConfig) -> torch.nn.Module:
+    """The job's initial network: the configured one, built with ``training.seed``."""
     with torch.random.fork_rng():
         torch.manual_seed(config.training.seed)
         return build_network(config.model.name, **config.model.args)
@@ -271,7 +271,7 @@ def _network(config: RunConfig) -> torch.nn.Module:
 
 def _write_initial_model(config: RunConfig, path: Path, shared_moments: bool = False) -> Path:
     """The initial global model; with ``shared_moments``, zero moments ("none yet") too."""
-    network = _network(config)
+    network = initial_network(config)
     state = network.state_dict()
     if shared_moments:
         state.update(zero_moments(network))
