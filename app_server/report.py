@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from app_server.site_reports import validated_rounds
+
 REGIONS = ("TC", "WT", "ET")
 REGION_NAMES = {"TC": "tumour core", "WT": "whole tumour", "ET": "enhancing tumour"}
 MODE_NAMES = {
@@ -59,9 +61,10 @@ def site_summary(document: dict) -> dict:
     """Adds the report's summary to a site's document, with bootstrap intervals.
 
     The summary is the validation of the final global model when the site made one, else its
-    last round's validation (of the global model it received then).
+    last validated round's (of the global model it received then).
     """
-    last = document["rounds"][-1] if document["rounds"] else None
+    validated = validated_rounds(document)
+    last = validated[-1] if validated else None
     summary = {"rounds": len(document["rounds"])}
     evaluated = document.get("final") or last
     if evaluated is not None:
@@ -88,7 +91,7 @@ def federation_summary(sites: dict[str, dict], round_contributors: dict | None =
         "curves": {
             name: [
                 {"round": r["round"], **{f"dice_{g}": r["metrics"][f"dice_{g}"] for g in REGIONS}}
-                for r in doc["rounds"]
+                for r in validated_rounds(doc)
             ]
             for name, doc in sorted(sites.items())
         },
@@ -143,7 +146,10 @@ def render_site(document: dict) -> str:
     """The site's page: curves, last-round table with intervals, cases, data, setup."""
     summary = document["summary"]
     rounds = document["rounds"]
-    curves = {r: [(e["round"], e["metrics"][f"dice_{r}"]) for e in rounds] for r in REGIONS}
+    curves = {
+        r: [(e["round"], e["metrics"][f"dice_{r}"]) for e in validated_rounds(document)]
+        for r in REGIONS
+    }
     rows = ""
     if "metrics" in summary:
         for region in REGIONS:

@@ -77,15 +77,19 @@ class SiteReports:
     def record_round(self, site: str, round_number: int, report: dict) -> None:
         """Records a training round: the site's validation of the global model and its training.
 
+        In a round without validation (``validation.every_rounds``) the report's ``validation``
+        is ``None``; the round is recorded with ``metrics`` ``None`` and no cases.
+
         Raises:
             SiteReportError: If the report lacks a field.
         """
         _require(report, ("validation", "training", *_SITE_FIELDS), site)
+        validation = report["validation"] or {"metrics": None, "cases": []}
         entry = {
             "round": int(round_number),
             "received_at": time.time(),  # when the server got it: round durations
-            "metrics": report["validation"]["metrics"],
-            "cases": report["validation"]["cases"],
+            "metrics": validation["metrics"],
+            "cases": validation["cases"],
             "train_loss": report["training"]["loss"],
             "train_steps": report["training"]["steps"],
             "train_seconds": report["training"]["seconds"],
@@ -188,7 +192,7 @@ def read_site_reports(result_dir: Path, sites: list[str] | None = None, final: b
             problems.append(f"{site} did not validate the final global model")
         elif not all(
             _finite_dice(r["metrics"])
-            for r in [*document["rounds"], *filter(None, [document.get("final")])]
+            for r in [*validated_rounds(document), *filter(None, [document.get("final")])]
         ):
             problems.append(f"{site} reported non-finite Dice")
     if not expected:
@@ -241,6 +245,11 @@ def with_rejoined_sites(content: dict, sites: list[str]) -> dict:
     """Resumed reports whose last resumption says which sites it let rejoin (``rejoined``)."""
     *earlier, last = content["resumptions"]
     return {**content, "resumptions": [*earlier, {**last, "rejoined": sorted(sites)}]}
+
+
+def validated_rounds(document: dict) -> list[dict]:
+    """A site's rounds that validated the global model (see ``validation.every_rounds``)."""
+    return [r for r in document["rounds"] if r["metrics"] is not None]
 
 
 def last_reported_round(content: dict) -> int | None:

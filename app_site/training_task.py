@@ -1,15 +1,15 @@
 """NVFlare Client API loop of the segmentation job: a thin shell over the site engine.
 
-Each round the site validates the global model it received on its own validation split,
-trains locally, and sends its model with the number of steps (the job decides how it travels:
-as a difference to the global model, or encrypted by the job's HE filters). When the job
-shares AdamW's moments (its manifest says so), the site starts training from the global
-model's gradient RMS and sends its own with its model (:mod:`fedseg.moments`). ``evaluate`` tasks
-(the final global model's validation, cross-site evaluation) and ``submit_model`` tasks are
-served too. Each result declares a small report (metrics per region and per hashed case id,
-training loss, steps and time, device and data counts; never images or weights) that the
-server gathers for the reports; the site keeps its own copy in ``fedseg_metrics_<site>.json``
-in its working folder.
+Each round the site validates the global model it received on its own validation split (every
+``validation.every_rounds`` rounds; the final global model always), trains locally, and sends
+its model with the number of steps (the job decides how it travels: as a difference to the
+global model, or encrypted by the job's HE filters). When the job shares AdamW's moments (its
+manifest says so), the site starts training from the global model's gradient RMS and sends its
+own with its model (:mod:`fedseg.moments`). ``evaluate`` tasks (the final global model's
+validation, cross-site evaluation) and ``submit_model`` tasks are served too. Each result
+declares a small report (metrics per region and per hashed case id, training loss, steps and
+time, device and data counts; never images or weights) that the server gathers for the reports;
+the site keeps its own copy in ``fedseg_metrics_<site>.json`` in its working folder.
 """
 
 from __future__ import annotations
@@ -177,12 +177,13 @@ def run(script_folder: Path) -> None:
         check_fits(engine, received)
         engine.load_weights(received)
         if flare.is_train():
-            cases = engine.validate().cases
+            validates = task.current_round % config.validation.every_rounds == 0
+            cases = engine.validate().cases if validates else None
             steps = config.training.local_steps
             if shares_moments:
                 engine.load_gradient_rms(shared, steps_done=task.current_round * steps)
             trained = engine.train(steps, first_step=task.current_round * steps)
-            metrics = summarize(cases)
+            metrics = summarize(cases) if validates else None
             report = record.round(task.current_round, metrics, cases, trained)
             weights = engine.weights()
             meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: trained.steps, REPORT_META_KEY: report}
@@ -190,7 +191,9 @@ def run(script_folder: Path) -> None:
             if refusal:  # nothing of the broken model leaves the site
                 record.refusal(task.current_round, refusal)
                 meta[REFUSED_META_KEY] = refusal
-                flare.send(FLModel(metrics=metrics, current_round=task.current_round, meta=meta))
+                flare.send(
+                    FLModel(metrics=metrics or {}, current_round=task.current_round, meta=meta)
+                )
                 continue
             if shares_moments:
                 weights.update(engine.gradient_rms())
@@ -243,13 +246,19 @@ class _SiteRecord:
         }
 
     def round(self, number, metrics, cases, trained) -> dict:
-        """Records a round; returns the report declared with the update."""
-        validation = {"metrics": metrics, "cases": [asdict(c) for c in cases]}
+        """Records a round; returns the report declared with the update.
+
+        ``metrics`` and ``cases`` are ``None`` in a round without validation; the report's
+        ``validation`` is then ``None``.
+        """
+        validation = (
+            None if cases is None else {"metrics": metrics, "cases": [asdict(c) for c in cases]}
+        )
         training = {"loss": trained.mean_loss, "steps": trained.steps, "seconds": trained.seconds}
         self.document["rounds"].append(
             {
                 "round": number,
-                **validation,
+                **(validation or {"metrics": None, "cases": []}),
                 "train_loss": trained.mean_loss,
                 "train_steps": trained.steps,
                 "train_seconds": trained.seconds,

@@ -123,13 +123,17 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """Sliding-window inference during validation, on the training device.
+    """When sites validate the global model, and sliding-window inference on the training device.
 
-    ``sw_batch_size`` windows run through the network at once; neighbouring windows share
-    ``overlap`` of their size; ``mode`` blends overlapping outputs with equal weights
-    (``constant``) or with weights falling off from each window's centre (``gaussian``).
+    Each site validates the global model it received every ``every_rounds`` rounds (round 0
+    included; 1: every round) and always the final global model: with many or large
+    validation cases, validating costs more than a round's training. ``sw_batch_size`` windows
+    run through the network at once; neighbouring windows share ``overlap`` of their size;
+    ``mode`` blends overlapping outputs with equal weights (``constant``) or with weights
+    falling off from each window's centre (``gaussian``).
     """
 
+    every_rounds: int = 1
     sw_batch_size: int = 4
     overlap: float = 0.5
     mode: str = "constant"
@@ -278,8 +282,9 @@ def _check_values(config: RunConfig, where: str) -> None:
         if getattr(federation, name) <= 1.0:
             problems.append(f"federation.{name} must be above 1")
     validation = config.validation
-    if validation.sw_batch_size < 1:
-        problems.append("validation.sw_batch_size must be at least 1")
+    for name in ("every_rounds", "sw_batch_size"):
+        if getattr(validation, name) < 1:
+            problems.append(f"validation.{name} must be at least 1")
     if not 0.0 <= validation.overlap < 1.0:
         problems.append("validation.overlap must be in [0, 1)")
     if validation.mode not in ("constant", "gaussian"):

@@ -62,6 +62,7 @@ def test_a_yaml_file_overrides_defaults(tmp_path):
         ({"data": {"num_workers": -1}}, "data.num_workers must be at least 0"),
         ({"validation": {"mode": "linear"}}, "validation.mode must be constant or gaussian"),
         ({"validation": {"sw_batch_size": 0}}, "validation.sw_batch_size must be at least 1"),
+        ({"validation": {"every_rounds": 0}}, "validation.every_rounds must be at least 1"),
         ({"validation": {"overlap": 1.0}}, "validation.overlap must be in [0, 1)"),
         ({"training": {"lr_schedule": "cosine"}},
          "training.lr_schedule must be one of poly, constant"),

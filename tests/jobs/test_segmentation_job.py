@@ -84,10 +84,14 @@ def test_the_job_used_the_federated_harmonization_artifact(job_run):
 
 
 def test_the_same_run_gives_the_same_global_model_bit_for_bit(datasets, tmp_path, job_run):
+    """Again, validating every other round only: validation does not touch training."""
     workdir, _ = job_run
     sites = [str(datasets[name]) for name in ("site-1", "site-2", "site-3")]
+    config = json.loads((workdir / "run.yaml").read_text())
+    config["validation"]["every_rounds"] = 2
+    (tmp_path / "run.yaml").write_text(json.dumps(config))
     again = subprocess.run(
-        [FEDSEG, "job", "run", "--config", str(workdir / "run.yaml"),
+        [FEDSEG, "job", "run", "--config", str(tmp_path / "run.yaml"),
          *[a for s in sites for a in ("--site", s)], "--workdir", str(tmp_path),
          "--harmonization", str(workdir / "harmonization.json")],
         capture_output=True, text=True, timeout=900,
@@ -99,6 +103,14 @@ def test_the_same_run_gives_the_same_global_model_bit_for_bit(datasets, tmp_path
     )
     assert first.keys() == second.keys()
     assert all(torch.equal(first[key], second[key]) for key in first)
+    for site in ("site-1", "site-2", "site-3"):
+        report = json.loads((tmp_path / "report" / f"{site}.json").read_text())
+        validated, skipped = report["rounds"]
+        assert validated["metrics"]["dice_mean"] >= 0 and validated["cases"]
+        assert skipped["metrics"] is None and skipped["cases"] == []
+        assert skipped["train_steps"] == 8 and report["final"]["metrics"]
+    curves = json.loads((tmp_path / "report" / "federation.json").read_text())["curves"]
+    assert all([point["round"] for point in curve] == [0] for curve in curves.values())
 
 
 def test_sites_share_their_adamw_moments_and_the_model_file_holds_the_network(job_run):

@@ -92,6 +92,20 @@ def test_without_a_final_validation_the_last_round_is_summarized(tmp_path):
     assert summary["metrics"]["dice_WT"] == document["rounds"][-1]["metrics"]["dice_WT"]
 
 
+def test_rounds_without_validation_are_left_out_of_curves_and_summary(tmp_path):
+    document = site_document("site-1", 0.7)
+    validated = document["rounds"][0]
+    document = {**document, "final": None}
+    document["rounds"][1].update(metrics=None, cases=[])  # validation.every_rounds 2
+    write_reports(tmp_path, collected(document))
+    summary = json.loads((tmp_path / "site-1.json").read_text())["summary"]
+    assert summary["model"] == "global model of round 0" and summary["rounds"] == 2
+    assert summary["metrics"]["dice_WT"] == validated["metrics"]["dice_WT"]
+    curves = json.loads((tmp_path / "federation.json").read_text())["curves"]["site-1"]
+    assert [point["round"] for point in curves] == [0]
+    assert "<svg" in (tmp_path / "site-1.html").read_text()
+
+
 def test_nothing_to_report_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no site metrics"):
         write_reports(tmp_path, {"mode": "plaintext", "sites": {}})

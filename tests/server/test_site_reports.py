@@ -92,6 +92,17 @@ def test_a_job_without_final_validation_is_read_when_told(tmp_path):
     assert read_site_reports(tmp_path, ["site-1"], final=False)["mode"] == "he-stock"
 
 
+def test_a_round_without_validation_is_recorded_and_read(tmp_path):
+    """validation.every_rounds > 1: the site trained but did not validate the model it got."""
+    store = SiteReports(tmp_path / SITE_REPORTS_FILE, "plaintext")
+    store.record_round("site-1", 0, round_report())
+    store.record_round("site-1", 1, {**round_report(0.5), "validation": None})
+    store.record_final("site-1", {**SITE, "validation": {"metrics": METRICS, "cases": CASES}})
+    rounds = read_site_reports(tmp_path, ["site-1"])["sites"]["site-1"]["rounds"]
+    assert [(r["round"], r["metrics"], r["cases"]) for r in rounds][1] == (1, None, [])
+    assert rounds[1]["train_loss"] == 0.5 and rounds[0]["metrics"] == METRICS
+
+
 def test_no_reports_at_all_fail_loudly(tmp_path):
     with pytest.raises(RuntimeError, match="recorded no site reports"):
         read_site_reports(tmp_path, ["site-1"])
