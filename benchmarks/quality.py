@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from monai.transforms import Transform
 
+from app_server.site_reports import validated_rounds
 from app_site.engine import SegmentationEngine
 from app_site.harmonization import dataset_images, load_channel_first, site_statistics
 from app_site.ingest.pipeline import IngestOptions, ingest
@@ -96,8 +97,8 @@ GOAL_ARM = "harmonized"
 RAW_OUTLIER_FACTOR = 1000.0
 #: Share of each site's labelled cases in its validation split.
 VALIDATION_FRACTION = 0.25
-#: FedAvg's sites validate the global model every this many rounds (and the final one): at
-#: every round validation took most of the job's time.
+#: FedAvg's sites validate the global model every this many rounds (and the final one):
+#: validating every round made the 200 x 10 job about a quarter slower (830 s against 651 s).
 VALIDATION_EVERY_ROUNDS = 10
 
 
@@ -249,8 +250,7 @@ def train_fedavg(
             site: {
                 **{
                     str(r["round"]): r["metrics"]["dice_mean"]
-                    for r in sites[site]["rounds"]
-                    if r["metrics"] is not None
+                    for r in validated_rounds(sites[site])
                 },
                 "final": sites[site]["final"]["metrics"]["dice_mean"],
             }
