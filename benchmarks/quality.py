@@ -691,11 +691,6 @@ validate every {summary["validation_every_rounds"]} rounds) and after the last o
 """
 
 
-def _count(number: int, singular: str, plural: str) -> str:
-    """``number`` followed by the ``singular`` or ``plural`` words it agrees with."""
-    return f"{number} {singular if number == 1 else plural}"
-
-
 def _met(value: bool) -> str:
     return "met" if value else "not met"
 
@@ -800,6 +795,7 @@ def _reading(summary: dict) -> str:
     else:
         last_validated = _shown_rounds(arms)[-1]
         beyond_noise = sum(g > GOAL_GAP + 2 * se for g, se, _, _ in flat)
+        exceed = "exceeds" if beyond_noise == 1 else "exceed"
         moves = {
             site: abs(values["final"] - values[last_validated])
             for site, values in training["fedavg"]["global_dice_mean_per_round"].items()
@@ -807,8 +803,8 @@ def _reading(summary: dict) -> str:
         paragraphs.append(
             f"- Goal 1, harmonized: FedAvg trails centralized by up to {worst[0]:.3f} "
             f"({worst[3]} at {worst[2]}, SE {worst[1]:.3f}); "
-            f"{_count(beyond_noise, 'gap exceeds', 'gaps exceed')} {GOAL_GAP} by more than two "
-            f"standard errors (of {len(flat)}); FedAvg trails in "
+            f"{beyond_noise} of the {len(flat)} gaps {exceed} {GOAL_GAP} by more than two "
+            "standard errors; FedAvg trails in "
             f"{sum(g > 0 for g, _, _, _ in flat)} of the {len(flat)} site and region pairs. "
             f"On the external site FedAvg reads {external['fedavg']:.3f}, centralized "
             f"{external['centralized']:.3f}. FedAvg's sites end their last round at a training "
