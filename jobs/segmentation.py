@@ -137,6 +137,9 @@ def segmentation_recipe(
     }
     for path in _job_files(config, harmonization_artifact, settings, staging):
         recipe._job.add_file_to(str(path), ALL_SITES)  # Recipe keeps its FedJob private
+    # A dict sent to the server becomes server settings of the job's config_fed_server.json.
+    interval = config.federation.task_request_interval
+    recipe._job.to_server({"server": {"task_request_interval": interval}})
     recipe.add_server_input_filter(
         SiteReportFilter(MODE_NAMES[encryption]), tasks=[_TRAIN, _VALIDATE]
     )

@@ -167,6 +167,9 @@ def test_exported_job_folder(tmp_path, job_run, encryption, components):
     assert all(name in configs for name in components)
     assert "SiteReportFilter" in configs and "OutgoingAudit" in configs
     assert ("FinalValidation" in configs) == (encryption != "stock")
+    (server_config,) = job.rglob("config_fed_server.json")
+    interval = json.loads(server_config.read_text())["server"]["task_request_interval"]
+    assert interval == load_config("tiny").federation.task_request_interval == 0.2
     shipped = {p.name for p in job.rglob("fedseg_*")}
     assert {"fedseg_run.yaml", "fedseg_harmonization.json", "fedseg_job.json",
             "fedseg_initial_model.pt"} <= shipped  # fmt: skip
