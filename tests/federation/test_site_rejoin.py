@@ -50,6 +50,9 @@ def job_config(rounds: int = ROUNDS, min_sites: int = 2, round_timeout: int = 36
     document["training"]["min_sites"] = min_sites
     document["federation"]["straggler_seconds"] = 5
     document["federation"]["round_timeout"] = round_timeout
+    # NVFlare's 2 s between tasks, not tiny's 0.2 s: the rounds left once the killed site is
+    # counted as gone must outlast restarting it and the rejoin.
+    document["federation"]["task_request_interval"] = 2.0
     return config_from_dict(document)
 
 
