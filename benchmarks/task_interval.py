@@ -109,7 +109,7 @@ def main() -> None:
 
     began = time.perf_counter()
     with scratch_folder(args.workspace, "interval-") as root:
-        datasets = build_datasets(root, args.cases, args.size, seed=0)
+        datasets = build_datasets(root, args.cases, args.size, seed=0, validation_fraction=0.25)
         results = [run_schedule(root, datasets, rounds, steps) for rounds, steps in schedules]
     summary = {
         "benchmark": "task_interval",
