@@ -25,7 +25,8 @@ steps, its own site's share of the federation's compute. The default, 300 x 20 (
 is three times the budget of the first measurements: at 6000 steps the centralized model was
 still improving and FedAvg, which makes a third of centralized's sequential steps, trailed it
 systematically (by 0.003 to 0.047 Dice over three seeds, in all nine site and region pairs;
-at 200 x 20, by 0.001 to 0.023). At 300 x 20 FedAvg's global model has stopped moving.
+at 200 x 20, by 0.001 to 0.023; both on validation splits of 4 to 8 cases). At 300 x 20
+FedAvg's global model has stopped moving.
 
 Every model is evaluated with the engine's sliding-window validation (``SegmentationEngine``
 with the model's weights loaded) on each training site's validation split and on the external
