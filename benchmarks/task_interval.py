@@ -42,6 +42,8 @@ from jobs.runner import run_job
 
 BASELINE_INTERVAL = FederationConfig().task_request_interval
 PROFILE_INTERVAL = load_config("tiny").federation.task_request_interval
+#: Share of each site's cases its sites validate on (what the recorded results were measured with).
+VALIDATION_FRACTION = 0.25
 
 
 def round_seconds(report: Path) -> float:
@@ -109,7 +111,7 @@ def main() -> None:
 
     began = time.perf_counter()
     with scratch_folder(args.workspace, "interval-") as root:
-        datasets = build_datasets(root, args.cases, args.size, seed=0, validation_fraction=0.25)
+        datasets = build_datasets(root, args.cases, args.size, 0, VALIDATION_FRACTION)
         results = [run_schedule(root, datasets, rounds, steps) for rounds, steps in schedules]
     summary = {
         "benchmark": "task_interval",
