@@ -14,7 +14,11 @@ initial weights, network, AdamW and learning-rate schedule):
   gradient a site computes is corrected by the federation's mean gradient of the previous round
   minus the site's own, before AdamW sees it.
 - ``shared_moments``: at the start of each round every site's AdamW second-moment estimate is
-  replaced by the sites' mean, so that all sites scale their steps alike.
+  replaced by the sites' mean, so that all sites scale their steps alike (what the job does).
+
+A run may also give a server learning rate: the global model then moves by that multiple of
+the sites' mean weight difference (FedAvg with server SGD, Reddi et al., 2021), which makes up
+for the sites' steps being averaged rather than added when their directions agree.
 
 The sites run as :class:`app_site.engine.SegmentationEngine` objects in this process and are
 averaged here, not through NVFlare: this benchmark compares optimization algorithms, and its
@@ -24,7 +28,7 @@ only to within run-to-run noise). Centralized training is also run with a third 
 (as many sequential steps as each FedAvg site makes), to tell fewer sequential steps apart from
 the sites' differences.
 
-Usage: python benchmarks/quality_algorithms.py [--runs fedavg:40x50,scaffold:200x10,...]
+Usage: python benchmarks/quality_algorithms.py [--runs fedavg:40x50,scaffold:200x10:2,...]
     [--cases N] [--size S] [--seed K] [--workspace DIR] [--quick]
 Writes benchmarks/results/quality_algorithms.json and benchmarks/quality_algorithms.md (not
 with --quick).
@@ -63,27 +67,28 @@ from app_site.engine import SegmentationEngine
 from fedseg.config import RunConfig
 
 ALGORITHMS = ("fedavg", "fresh", "scaffold", "shared_moments")
-DEFAULT_RUNS = (
-    "fedavg:40x50,fedavg:200x10,fedavg:2000x1,fresh:40x50,"
-    "scaffold:40x50,scaffold:200x10,shared_moments:40x50,shared_moments:2000x1"
-)
+DEFAULT_RUNS = "shared_moments:300x20,shared_moments:300x20:2,shared_moments:300x20:3"
 Weights = dict[str, np.ndarray]
 
 
-def parse_runs(text: str) -> list[tuple[str, int, int]]:
-    """``"fedavg:40x50,scaffold:200x10"`` -> ``[("fedavg", 40, 50), ("scaffold", 200, 10)]``.
+def parse_runs(text: str) -> list[tuple[str, int, int, float]]:
+    """``"fedavg:40x50,scaffold:200x10:2"`` -> ``[("fedavg", 40, 50, 1), ("scaffold", ..., 2)]``.
+
+    The optional third field is the server learning rate (1 without it).
 
     Raises:
-        SystemExit: On an unknown algorithm or runs of different budgets (R x S).
+        SystemExit: On an unknown algorithm, a malformed run or runs of different budgets (R x S).
     """
     runs = []
     for item in text.split(","):
-        algorithm, schedule = item.split(":")
+        algorithm, schedule, *server_lr = item.split(":")
         if algorithm not in ALGORITHMS:
             raise SystemExit(f"--runs {item}: unknown algorithm; choose from {ALGORITHMS}")
+        if len(server_lr) > 1:
+            raise SystemExit(f"--runs {item}: expected algorithm:RxS[:server_lr]")
         rounds, steps = (int(n) for n in schedule.split("x"))
-        runs.append((algorithm, rounds, steps))
-    if len({rounds * steps for _, rounds, steps in runs}) != 1:
+        runs.append((algorithm, rounds, steps, float(server_lr[0]) if server_lr else 1.0))
+    if len({rounds * steps for _, rounds, steps, _ in runs}) != 1:
         raise SystemExit(f"--runs {text}: every R x S must be the same budget")
     return runs
 
@@ -133,8 +138,11 @@ def train_federated(
     transform: Transform | None,
     start: Weights,
     algorithm: str,
+    server_lr: float = 1.0,
 ) -> Weights:
     """Runs one federated algorithm over the training sites in this process.
+
+    The global model moves by ``server_lr`` times the sites' mean weight difference.
 
     Returns:
         The final global model.
@@ -170,7 +178,10 @@ def train_federated(
             name: sum(gradients[name] for gradients in own_gradients) / len(own_gradients)
             for name in own_gradients[0]
         }
-        model = {key: model[key] + np.mean([d[key] for d in differences], axis=0) for key in model}
+        model = {
+            key: model[key] + server_lr * np.mean([d[key] for d in differences], axis=0)
+            for key in model
+        }
     return model
 
 
@@ -181,7 +192,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test: every algorithm, 4x5")
     args = parser.parse_args()
     if args.quick:
-        args.runs = ",".join(f"{algorithm}:4x5" for algorithm in ALGORITHMS)
+        args.runs = ",".join(f"{algorithm}:4x5" for algorithm in ALGORITHMS) + ",fedavg:4x5:2"
         args.cases, args.size = 6, 48
     runs = parse_runs(args.runs)
 
@@ -199,13 +210,14 @@ def main() -> None:
         results = [
             _run("centralized, a third of the budget", 1, per_site, short, short_record["seconds"])
         ]
-        for algorithm, rounds, steps in runs:
+        for algorithm, rounds, steps, server_lr in runs:
             run_began = time.perf_counter()
+            schedule = run_config(rounds, steps, "nyul")
             weights = train_federated(
-                run_config(rounds, steps, "nyul"), arm.datasets, arm.transform, arm.start, algorithm
+                schedule, arm.datasets, arm.transform, arm.start, algorithm, server_lr
             )
             seconds = round(time.perf_counter() - run_began, 1)
-            results.append(_run(algorithm, rounds, steps, weights, seconds))
+            results.append(_run(algorithm, rounds, steps, weights, seconds, server_lr))
         for result in results:
             evaluation = evaluate(result.pop("weights"), arm.engines)
             result["gaps"] = fedavg_gaps(
@@ -213,7 +225,7 @@ def main() -> None:
             )
             result["largest_gap"] = largest_gap(result["gaps"])
             result["within_goal"] = result["largest_gap"] <= GOAL_GAP
-            log(f"{result['algorithm']} {result['rounds']}x{result['local_steps']}: "
+            log(f"{_label(result)} {result['rounds']}x{result['local_steps']}: "
                 f"largest gap {result['largest_gap']:+.3f}")  # fmt: skip
     summary = {
         "benchmark": "quality_algorithms",
@@ -233,14 +245,28 @@ def main() -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
 
 
-def _run(algorithm: str, rounds: int, steps: int, weights: Weights, seconds: float) -> dict:
+def _run(
+    algorithm: str,
+    rounds: int,
+    steps: int,
+    weights: Weights,
+    seconds: float,
+    server_lr: float = 1.0,
+) -> dict:
     return {
         "algorithm": algorithm,
+        "server_lr": server_lr,
         "rounds": rounds,
         "local_steps": steps,
         "seconds": seconds,
         "weights": weights,
     }
+
+
+def _label(run: dict) -> str:
+    """The run's algorithm, with its server learning rate when that is not 1."""
+    server_lr = run.get("server_lr", 1.0)
+    return run["algorithm"] + ("" if server_lr == 1.0 else f", server LR {server_lr:g}")
 
 
 def _nvflare_fedavg() -> dict[str, float]:
@@ -254,13 +280,13 @@ def _nvflare_fedavg() -> dict[str, float]:
 
 def _markdown(summary: dict) -> str:
     rows = "\n".join(
-        f"| {run['algorithm']} | {run['rounds']} x {run['local_steps']} | {site} | "
+        f"| {_label(run)} | {run['rounds']} x {run['local_steps']} | {site} | "
         f"{gap_cells(run['gaps'], site)} |"
         for run in summary["runs"]
         for site in TRAINING_SITES
     )
     largest = "\n".join(
-        f"| {run['algorithm']} | {run['rounds']} x {run['local_steps']} | "
+        f"| {_label(run)} | {run['rounds']} x {run['local_steps']} | "
         f"{run['largest_gap']:+.3f} | {'yes' if run['within_goal'] else 'no'} | "
         f"{run['seconds'] / 60:.1f} |"
         for run in summary["runs"]
