@@ -6,7 +6,7 @@ benchmark separates the causes by running variants of the federated optimization
 budget as ``benchmarks/quality.py``'s harmonized arm (same synthetic hospitals, Nyúl artifact,
 initial weights, network, AdamW and learning-rate schedule):
 
-- ``fedavg``: what the job does. Each site keeps its optimizer (AdamW moments) from round to
+- ``fedavg``: plain FedAvg. Each site keeps its optimizer (AdamW moments) from round to
   round, trains S steps from the global model, and the global model moves by the mean of the
   sites' weight differences (the aggregator's step-weighted mean; every site makes S steps).
 - ``fresh``: the same, with every site's optimizer state cleared at the start of each round.
@@ -22,16 +22,20 @@ for the sites' steps being averaged rather than added when their directions agre
 
 The sites run as :class:`app_site.engine.SegmentationEngine` objects in this process and are
 averaged here, not through NVFlare: this benchmark compares optimization algorithms, and its
-``fedavg`` rows are checked against the NVFlare runs of ``benchmarks/quality_schedule.py`` at
-the same schedules (same algorithm; the sites' random streams differ, so the numbers agree
-only to within run-to-run noise). Centralized training is also run with a third of the budget
-(as many sequential steps as each FedAvg site makes), to tell fewer sequential steps apart from
+``shared_moments`` rows at the job's schedule are checked against the NVFlare job's gaps in
+``benchmarks/quality.md`` (same algorithm; the sites' random streams differ, so the numbers
+agree only to within run-to-run noise). Every model is trained once per training seed
+(``--seeds``) and each gap is the mean over seeds, as in ``benchmarks/quality.py``; one
+seed's models differ from another's by as much as the goal. Centralized training is also run
+with a third of the budget (as many sequential steps as each FedAvg site makes; first seed
+only), to tell fewer sequential steps apart from
 the sites' differences.
 
 Usage: python benchmarks/quality_algorithms.py [--runs fedavg:40x50,scaffold:200x10:2,...]
-    [--cases N] [--size S] [--seed K] [--workspace DIR] [--quick]
-Writes benchmarks/results/quality_algorithms.json and benchmarks/quality_algorithms.md (not
-with --quick).
+    [--seeds N] [--cases N] [--validation-fraction F] [--size S] [--seed K] [--workspace DIR]
+    [--quick]
+Writes benchmarks/results/NAME.json and benchmarks/NAME.md (NAME: --name, default
+quality_algorithms; not with --quick).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +60,7 @@ from quality import (
     fedavg_gaps,
     gap_cells,
     harmonized_arm,
+    initial_weights,
     largest_gap,
     log,
     machine,
@@ -187,51 +193,86 @@ def train_federated(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default=DEFAULT_RUNS, help="algorithm:RxS, same budget")
+    parser.add_argument(
+        "--runs", default=DEFAULT_RUNS, help="algorithm:RxS[:server_lr], same budget"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="training seeds 0..N-1 of every model (default 1)"
+    )
+    parser.add_argument(
+        "--name",
+        default="quality_algorithms",
+        help="results go to benchmarks/NAME.md and benchmarks/results/NAME.json",
+    )
     add_data_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="smoke test: every algorithm, 4x5")
     args = parser.parse_args()
     if args.quick:
         args.runs = ",".join(f"{algorithm}:4x5" for algorithm in ALGORITHMS) + ",fedavg:4x5:2"
-        args.cases, args.size = 6, 48
+        args.cases, args.size, args.seeds = 6, 48, 2
     runs = parse_runs(args.runs)
 
     began = time.perf_counter()
+    per_site = runs[0][1] * runs[0][2]
+    short = {
+        "algorithm": "centralized, a third of the budget",
+        "rounds": 1,
+        "local_steps": per_site,
+    }
+    results = [short] + [
+        {"algorithm": algorithm, "server_lr": server_lr, "rounds": rounds, "local_steps": steps}
+        for algorithm, rounds, steps, server_lr in runs
+    ]
+    references, evaluations = [], [[] for _ in results]
+    central_seconds = []
     with scratch_folder(args.workspace, "algorithms-") as root:
-        config = run_config(runs[0][1], runs[0][2], "nyul")
-        arm = harmonized_arm(root, args, config)
-        per_site = runs[0][1] * runs[0][2]
-        centralized, central_record = train_engine(
-            config, arm.pooled, arm.transform, 3 * per_site, arm.start
+        arm = harmonized_arm(root, args, run_config(runs[0][1], runs[0][2], "nyul"))
+        for seed in range(args.seeds):
+            config = _seeded(run_config(runs[0][1], runs[0][2], "nyul"), seed)
+            start = initial_weights(config)
+            centralized, record = train_engine(
+                config, arm.pooled, arm.transform, 3 * per_site, start
+            )
+            central_seconds.append(record["seconds"])
+            log(f"seed {seed}: centralized, {3 * per_site} steps in {record['seconds']} s")
+            references.append(evaluate(centralized, arm.engines))
+            if seed == 0:  # one seed is enough to show what fewer sequential steps cost
+                weights, record = train_engine(config, arm.pooled, arm.transform, per_site, start)
+                short["seconds"] = record["seconds"]
+                evaluations[0].append(evaluate(weights, arm.engines))
+            for result, evaluated in zip(results[1:], evaluations[1:], strict=True):
+                run_began = time.perf_counter()
+                weights = train_federated(
+                    _seeded(run_config(result["rounds"], result["local_steps"], "nyul"), seed),
+                    arm.datasets,
+                    arm.transform,
+                    start,
+                    result["algorithm"],
+                    result["server_lr"],
+                )
+                result["seconds"] = round(time.perf_counter() - run_began, 1)
+                evaluated.append(evaluate(weights, arm.engines))
+                log(f"seed {seed}: {_label(result)} {result['rounds']}x{result['local_steps']} "
+                    f"in {result['seconds']} s")  # fmt: skip
+    for result, evaluated in zip(results, evaluations, strict=True):
+        repeats = {"centralized": references[: len(evaluated)], "fedavg": evaluated}
+        result["seeds"] = len(evaluated)
+        result["gaps"] = fedavg_gaps({"repeats": repeats})
+        result["largest_gap"] = largest_gap(result["gaps"])
+        result["mean_gap"] = float(
+            np.mean([g["gap"] for site in result["gaps"].values() for g in site.values()])
         )
-        log(f"centralized: {3 * per_site} steps in {central_record['seconds']} s")
-        reference = evaluate(centralized, arm.engines)
-        short, short_record = train_engine(config, arm.pooled, arm.transform, per_site, arm.start)
-        results = [
-            _run("centralized, a third of the budget", 1, per_site, short, short_record["seconds"])
-        ]
-        for algorithm, rounds, steps, server_lr in runs:
-            run_began = time.perf_counter()
-            schedule = run_config(rounds, steps, "nyul")
-            weights = train_federated(
-                schedule, arm.datasets, arm.transform, arm.start, algorithm, server_lr
-            )
-            seconds = round(time.perf_counter() - run_began, 1)
-            results.append(_run(algorithm, rounds, steps, weights, seconds, server_lr))
-        for result in results:
-            evaluation = evaluate(result.pop("weights"), arm.engines)
-            result["gaps"] = fedavg_gaps(
-                {"evaluation": {"centralized": reference, "fedavg": evaluation}}
-            )
-            result["largest_gap"] = largest_gap(result["gaps"])
-            result["within_goal"] = result["largest_gap"] <= GOAL_GAP
-            log(f"{_label(result)} {result['rounds']}x{result['local_steps']}: "
-                f"largest gap {result['largest_gap']:+.3f}")  # fmt: skip
+        result["within_goal"] = result["largest_gap"] <= GOAL_GAP
+        log(f"{_label(result)} {result['rounds']}x{result['local_steps']}: largest gap "
+            f"{result['largest_gap']:+.3f}, mean {result['mean_gap']:+.3f}")  # fmt: skip
     summary = {
         "benchmark": "quality_algorithms",
+        "name": args.name,
         "synth": {"sites": 4, "cases_per_site": args.cases, "size": args.size, "seed": args.seed},
+        "validation_fraction": args.validation_fraction,
+        "training_seeds": args.seeds,
         "budget_steps": 3 * per_site,
-        "centralized": {"seconds": central_record["seconds"], "steps": central_record["steps"]},
+        "centralized": {"seconds": central_seconds, "steps": 3 * per_site},
         "runs": results,
         "nvflare_fedavg": _nvflare_fedavg(),
         "seconds_total": round(time.perf_counter() - began, 1),
@@ -239,28 +280,14 @@ def main() -> None:
     }
     if not args.quick:
         (HERE / "results").mkdir(exist_ok=True)
-        results_path = HERE / "results" / "quality_algorithms.json"
+        results_path = HERE / "results" / f"{args.name}.json"
         results_path.write_text(json.dumps(summary, indent=2) + "\n")
-        (HERE / "quality_algorithms.md").write_text(_markdown(summary))
+        (HERE / f"{args.name}.md").write_text(_markdown(summary))
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
 
 
-def _run(
-    algorithm: str,
-    rounds: int,
-    steps: int,
-    weights: Weights,
-    seconds: float,
-    server_lr: float = 1.0,
-) -> dict:
-    return {
-        "algorithm": algorithm,
-        "server_lr": server_lr,
-        "rounds": rounds,
-        "local_steps": steps,
-        "seconds": seconds,
-        "weights": weights,
-    }
+def _seeded(config: RunConfig, seed: int) -> RunConfig:
+    return replace(config, training=replace(config.training, seed=seed))
 
 
 def _label(run: dict) -> str:
@@ -270,12 +297,29 @@ def _label(run: dict) -> str:
 
 
 def _nvflare_fedavg() -> dict[str, float]:
-    """Largest gap per schedule of the NVFlare FedAvg runs (quality_schedule.json), if any."""
-    path = HERE / "results" / "quality_schedule.json"
+    """The NVFlare job's harmonized gaps in ``quality.json`` (largest, mean; seeds), if any."""
+    path = HERE / "results" / "quality.json"
     if not path.is_file():
         return {}
-    runs = json.loads(path.read_text())["schedules"]
-    return {f"{run['rounds']}x{run['local_steps']}": run["largest_gap"] for run in runs}
+    quality = json.loads(path.read_text())
+    gaps = [
+        g for site in quality["fedavg_gap"][quality["goal_arm"]].values() for g in site.values()
+    ]
+    return {
+        "schedule": f"{quality['budget']['rounds']}x{quality['budget']['local_steps']}",
+        "seeds": len(gaps[0]["per_seed"]),
+        "largest_gap": max(g["gap"] for g in gaps),
+        "mean_gap": float(np.mean([g["gap"] for g in gaps])),
+    }
+
+
+def _runs_argument(runs: list[dict]) -> str:
+    """The ``--runs`` value that repeats ``runs``."""
+    return ",".join(
+        f"{run['algorithm']}:{run['rounds']}x{run['local_steps']}"
+        + ("" if run["server_lr"] == 1.0 else f":{run['server_lr']:g}")
+        for run in runs
+    )
 
 
 def _markdown(summary: dict) -> str:
@@ -286,33 +330,50 @@ def _markdown(summary: dict) -> str:
         for site in TRAINING_SITES
     )
     largest = "\n".join(
-        f"| {_label(run)} | {run['rounds']} x {run['local_steps']} | "
-        f"{run['largest_gap']:+.3f} | {'yes' if run['within_goal'] else 'no'} | "
-        f"{run['seconds'] / 60:.1f} |"
+        f"| {_label(run)} | {run['rounds']} x {run['local_steps']} | {run['seeds']} | "
+        f"{run['largest_gap']:+.3f} | {run['mean_gap']:+.3f} | "
+        f"{'yes' if run['within_goal'] else 'no'} | {run['seconds'] / 60:.1f} |"
         for run in summary["runs"]
     )
-    nvflare = ", ".join(f"{k}: {v:+.3f}" for k, v in summary["nvflare_fedavg"].items()) or "none"
+    job = summary["nvflare_fedavg"]
+    nvflare = (
+        f"at {job['schedule']} over {job['seeds']} seed(s), largest gap {job['largest_gap']:+.3f}, "
+        f"mean {job['mean_gap']:+.3f}"
+        if job
+        else "not measured"
+    )
     machine = summary["machine"]
+    synth = summary["synth"]
+    command = (
+        f"python benchmarks/quality_algorithms.py --runs {_runs_argument(summary['runs'][1:])} "
+        f"--seeds {summary['training_seeds']} --cases {synth['cases_per_site']} "
+        f"--validation-fraction {summary['validation_fraction']}"
+        + ("" if summary["name"] == "quality_algorithms" else f" --name {summary['name']}")
+    )
+    seconds = ", ".join(f"{s:.0f}" for s in summary["centralized"]["seconds"])
     return f"""# Why FedAvg trails centralized training: federated optimizers compared
 
-Command: `python benchmarks/quality_algorithms.py` (results: \
-`benchmarks/results/quality_algorithms.json`). Machine: {machine["cpus"]} CPUs, torch \
+Command: `{command}` (results: `benchmarks/results/{summary["name"]}.json`). \
+Machine: {machine["cpus"]} CPUs, torch \
 {machine["torch"]}, MONAI {machine["monai"]}. Whole run: {summary["seconds_total"] / 60:.1f} min.
 
-The harmonized arm of `benchmarks/quality.py` (synthetic hospitals, seed \
-{summary["synth"]["seed"]}, Nyúl artifact, initial weights, UNet, AdamW, poly schedule): \
-centralized training once, {summary["budget_steps"]} steps on the pooled training cases \
-({summary["centralized"]["seconds"]} s); every other row at the same budget, evaluated \
-against it. The federated rows run the three sites' engines in this process and average them \
-here (see the module docstring for each algorithm); gap: centralized minus the model's Dice on \
-each training site's validation split, ± the paired standard error over its cases. Goal 1 of \
-the quality benchmark asks for every gap at most {GOAL_GAP}. One seed per row.
+The harmonized arm of `benchmarks/quality.py` (synthetic hospitals, seed {synth["seed"]}, \
+{synth["cases_per_site"]} cases per site, validation fraction \
+{summary["validation_fraction"]}, Nyúl artifact, UNet, AdamW, poly schedule): centralized \
+training, {summary["budget_steps"]} steps on the pooled training cases, once per training seed \
+({seconds} s), each seed from its own initial weights; every other row at the same budget, \
+from the same initial weights, evaluated against the centralized model of its seed. The \
+federated rows run the three sites' engines in this process and average them here (see the \
+module docstring for each algorithm); gap: centralized minus the model's Dice on each training \
+site's validation split, the mean over seeds ± its standard error (spread over cases and \
+seeds), each seed's gap in brackets. Goal 1 of the quality benchmark asks for every gap at \
+most {GOAL_GAP}. Minutes: one seed's training.
 
-| model | R x S | largest gap | within {GOAL_GAP} | minutes |
-| --- | --- | ---: | --- | ---: |
+| model | R x S | seeds | largest gap | mean gap | within {GOAL_GAP} | minutes |
+| --- | --- | ---: | ---: | ---: | --- | ---: |
 {largest}
 
-NVFlare's FedAvg at the same budget (`benchmarks/quality_schedule.md`), largest gap: {nvflare}.
+The NVFlare job (`benchmarks/quality.md`): {nvflare}.
 
 | model | R x S | site | WT gap | TC gap | ET gap |
 | --- | --- | --- | ---: | ---: | ---: |
