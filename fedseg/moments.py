@@ -3,7 +3,7 @@
 Each site's AdamW divides its steps by its own running mean of squared gradients. Averaged
 after a round, such updates weigh every site alike however large its gradients, so the site
 that is hardest to fit pulls the model less than it would in pooled training
-(``benchmarks/quality_algorithms.md``). With ``training.shared_moments`` the sites' second
+(``benchmarks/quality_algorithms_6000.md``). With ``training.shared_moments`` the sites' second
 moments travel next to the weights as their roots, the gradient RMS per parameter (entries of
 the global model named ``optimizer.grad_rms.<parameter>``): averaged like the weights (a
 linear mean, so the packed CKKS aggregate carries them too), every site starts each round
