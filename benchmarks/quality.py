@@ -415,6 +415,11 @@ def largest_gap(gaps: dict) -> float:
     return max(g["gap"] for site in gaps.values() for g in site.values())
 
 
+def mean_gap(gaps: dict) -> float:
+    """The mean gap of :func:`fedavg_gaps` over every site and region."""
+    return float(np.mean([g["gap"] for site in gaps.values() for g in site.values()]))
+
+
 def goals(arms: dict[str, dict]) -> dict:
     """Both goals, per arm and per model."""
     gaps = {name: fedavg_gaps(arm) for name, arm in arms.items()}

@@ -28,8 +28,7 @@ agree only to within run-to-run noise). Every model is trained once per training
 (``--seeds``) and each gap is the mean over seeds, as in ``benchmarks/quality.py``; one
 seed's models differ from another's by as much as the goal. Centralized training is also run
 with a third of the budget (as many sequential steps as each FedAvg site makes; first seed
-only), to tell fewer sequential steps apart from
-the sites' differences.
+only), to tell fewer sequential steps apart from the sites' differences.
 
 Usage: python benchmarks/quality_algorithms.py [--runs fedavg:40x50,scaffold:200x10:2,...]
     [--seeds N] [--cases N] [--validation-fraction F] [--size S] [--seed K] [--workspace DIR]
@@ -64,6 +63,7 @@ from quality import (
     largest_gap,
     log,
     machine,
+    mean_gap,
     run_config,
     scratch_folder,
     train_engine,
@@ -259,9 +259,7 @@ def main() -> None:
         result["seeds"] = len(evaluated)
         result["gaps"] = fedavg_gaps({"repeats": repeats})
         result["largest_gap"] = largest_gap(result["gaps"])
-        result["mean_gap"] = float(
-            np.mean([g["gap"] for site in result["gaps"].values() for g in site.values()])
-        )
+        result["mean_gap"] = mean_gap(result["gaps"])
         result["within_goal"] = result["largest_gap"] <= GOAL_GAP
         log(f"{_label(result)} {result['rounds']}x{result['local_steps']}: largest gap "
             f"{result['largest_gap']:+.3f}, mean {result['mean_gap']:+.3f}")  # fmt: skip
@@ -302,14 +300,12 @@ def _nvflare_fedavg() -> dict[str, float]:
     if not path.is_file():
         return {}
     quality = json.loads(path.read_text())
-    gaps = [
-        g for site in quality["fedavg_gap"][quality["goal_arm"]].values() for g in site.values()
-    ]
+    gaps = quality["fedavg_gap"][quality["goal_arm"]]
     return {
         "schedule": f"{quality['budget']['rounds']}x{quality['budget']['local_steps']}",
-        "seeds": len(gaps[0]["per_seed"]),
-        "largest_gap": max(g["gap"] for g in gaps),
-        "mean_gap": float(np.mean([g["gap"] for g in gaps])),
+        "seeds": len(gaps[TRAINING_SITES[0]]["WT"]["per_seed"]),
+        "largest_gap": largest_gap(gaps),
+        "mean_gap": mean_gap(gaps),
     }
 
 
