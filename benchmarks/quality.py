@@ -39,27 +39,39 @@ model's worst-training-site and external-site Dice (mean of WT, TC, ET; the firs
 models in both arms). FedAvg's sites validate the global model every
 ``VALIDATION_EVERY_ROUNDS`` rounds and the final one.
 
+Each model's training record and evaluation is kept as it is measured, one JSON file per model
+under ``--runs-folder`` (default ``benchmarks/results/quality_runs/``), in a folder per arm
+named by a digest of its setting (arguments, run configuration, data, harmonization artifact,
+library versions). A run skips the models already measured with its setting, so a
+measurement longer than one sitting is spread over several runs: ``--stop-after MINUTES``
+starts no model after that time, prints what is left and goal 1's gaps so far, and the same
+command run again continues. The report is written once every model is measured.
+
 NVFlare's simulator needs a writable HOME. Workspaces go under ``--workspace`` (default
 ``/tmp/quality-bench``) and are removed at the end unless ``--keep``.
 
 Usage: python benchmarks/quality.py [--rounds R] [--local-steps S] [--seeds N] [--cases N]
-    [--validation-fraction F] [--size S] [--seed K] [--workspace DIR] [--keep] [--quick]
+    [--validation-fraction F] [--size S] [--seed K] [--runs-folder DIR]
+    [--stop-after MINUTES] [--workspace DIR] [--keep] [--quick]
 Writes benchmarks/results/quality.json and benchmarks/quality.md (with --quick only the
-report, as ``quality-quick.md`` in the workspace).
+report, as ``quality-quick.md`` in the workspace, from models measured afresh).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import hashlib
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -300,14 +312,137 @@ def evaluate(weights: dict[str, np.ndarray], engines: dict[str, SegmentationEngi
     return results
 
 
-def run_arm(
-    arm: str, args: argparse.Namespace, datasets: dict[str, Path], root: Path, seeds: int = 1
-) -> dict:
-    """Trains the five models of one arm at the same budget and evaluates each everywhere.
+#: Where measured models are kept between runs: one folder per arm and setting.
+RUNS_FOLDER = HERE / "results" / "quality_runs"
 
-    With ``seeds`` above 1, centralized and FedAvg are trained again with the next training
-    seeds (each from its seed's initial model) and evaluated likewise (``repeats``); the
-    models of the tables are the first seed's.
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model of an arm: what trains it and with which training seed.
+
+    Attributes:
+        name: ``local site-k``, ``centralized`` or ``fedavg``.
+        seed: The training seed (initial weights, sampling).
+    """
+
+    name: str
+    seed: int
+
+    @property
+    def file_name(self) -> str:
+        """The model's result file in its arm's :class:`MeasuredModels` folder."""
+        return f"seed-{self.seed}-{self.name.replace(' ', '-')}.json"
+
+
+def arm_runs(first_seed: int, seeds: int) -> list[ModelRun]:
+    """The models of one arm, in the order they are trained.
+
+    Centralized and FedAvg of every seed first (goal 1 is read from those pairs), then the
+    local-only models, trained with the first seed only.
+    """
+    pairs = [
+        ModelRun(name, seed)
+        for seed in range(first_seed, first_seed + seeds)
+        for name in ("centralized", "fedavg")
+    ]
+    return pairs + [ModelRun(f"local {site}", first_seed) for site in TRAINING_SITES]
+
+
+def dataset_digest(datasets: dict[str, Path]) -> str:
+    """SHA-256 of every site's datalist and of the image and label files it lists."""
+    digest = hashlib.sha256()
+    for site, dataset in sorted(datasets.items()):
+        digest.update(site.encode())
+        digest.update((dataset / "datalist.json").read_bytes())
+        for case in labelled_cases(dataset, "training", "validation"):
+            for key in ("image", "label"):
+                digest.update(Path(case[key]).read_bytes())
+    return digest.hexdigest()
+
+
+class MeasuredModels:
+    """The results of one arm's models, one JSON file per model, kept across runs.
+
+    A model measured once, by this run or an earlier one, is not trained again: a run stopped
+    by ``--stop-after`` is continued by the next run with the same arguments, and a long
+    measurement can be spread over several sessions. The folder is named by a digest of the
+    arm's setting (benchmark arguments, run configuration, data, harmonization artifact,
+    library versions), so a change to any of them starts a new folder rather than mixing
+    results.
+    """
+
+    def __init__(self, root: Path, arm: str, setting: dict) -> None:
+        """Opens (without creating) the folder of ``arm`` measured with ``setting``."""
+        text = json.dumps(setting, sort_keys=True)
+        self.folder = root / f"{arm}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        self.setting = setting
+
+    def load(self, run: ModelRun) -> dict | None:
+        """The recorded result of ``run``, or None when it has not been measured."""
+        path = self.folder / run.file_name
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save(self, run: ModelRun, result: dict) -> None:
+        """Records ``result`` for ``run`` (written atomically; the setting beside it)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        setting = self.folder / "setting.json"
+        if not setting.exists():
+            _write_atomically(setting, self.setting)
+        _write_atomically(self.folder / run.file_name, result)
+
+
+def _write_atomically(path: Path, document: dict) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def source_commit() -> str | None:
+    """The git commit of the benchmark's checkout, or None outside a git checkout."""
+    result = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=False
+    )
+    return result.stdout.strip() or None
+
+
+@dataclass
+class ArmProgress:
+    """An arm's models as far as they are measured.
+
+    Attributes:
+        config: The arm's run configuration (first seed).
+        harmonization_hash: The Nyúl artifact's hash, None for the raw arm.
+        runs: Every model of the arm, in training order.
+        results: The recorded result of each measured model.
+        folder: Where the results are kept.
+    """
+
+    config: RunConfig
+    harmonization_hash: str | None
+    runs: list[ModelRun]
+    results: dict[ModelRun, dict]
+    folder: Path
+
+    @property
+    def missing(self) -> list[ModelRun]:
+        """The models not measured yet."""
+        return [run for run in self.runs if run not in self.results]
+
+
+def run_arm(
+    arm: str,
+    args: argparse.Namespace,
+    datasets: dict[str, Path],
+    root: Path,
+    data_digest: str,
+    may_start: Callable[[], bool],
+    seeds: int = 1,
+) -> ArmProgress:
+    """Trains and evaluates the models of one arm not measured yet, while ``may_start()``.
+
+    Every model starts from its seed's initial weights, at the arm's budget: each local-only
+    model RS steps, centralized and FedAvg 3RS. With ``seeds`` above 1, centralized and
+    FedAvg are trained once per training seed (``repeats`` of :func:`assemble_arm`).
     """
     config = run_config(args.rounds, args.local_steps, ARMS[arm])
     workdir = root / arm
@@ -316,46 +451,90 @@ def run_arm(
         artifact = fit_artifact(config, datasets, workdir / "harmonization.json")
         fitted = read_harmonization_artifact(artifact)
         transform, artifact_hash = artifact_transform(fitted), fitted["hash"]
-    start = initial_weights(config)
+    setting = {
+        "benchmark": "quality",
+        "arm": arm,
+        "arguments": {
+            key: getattr(args, key)
+            for key in ("rounds", "local_steps", "cases", "validation_fraction", "size", "seed")
+        },
+        "config": config.to_dict(),
+        "data": data_digest,
+        "harmonization_hash": artifact_hash,
+        "versions": {key: machine()[key] for key in ("python", "torch", "monai", "nvflare")},
+    }
+    store = MeasuredModels(args.runs_folder, arm, setting)
+    runs = arm_runs(config.training.seed, seeds)
+    progress = ArmProgress(config, artifact_hash, runs, {}, store.folder)
+    for run in runs:
+        if (recorded := store.load(run)) is not None:
+            progress.results[run] = recorded
     budget = config.training.rounds * config.training.local_steps
     pooled = [
         case for site in TRAINING_SITES for case in labelled_cases(datasets[site], "training")
     ]
     sources = {f"local {site}": (datasets[site], budget) for site in TRAINING_SITES}
-    sources["centralized"] = (write_dataset(workdir / "pooled", pooled, []), 3 * budget)
-    models, training = {}, {}
-    for name, (dataset, steps) in sources.items():
-        models[name], training[name] = train_engine(config, dataset, transform, steps, start)
-        log(f"{arm}: {name} trained, {steps} steps in {training[name]['seconds']} s")
-    models["fedavg"], training["fedavg"] = train_fedavg(
-        config, datasets, artifact, workdir / "fedavg", start
-    )
-    log(f"{arm}: fedavg trained, {training['fedavg']['steps']} steps in "
-        f"{training['fedavg']['seconds']} s")  # fmt: skip
-    engines = evaluation_engines(config, datasets, transform, workdir / "external")
-    evaluation = {name: evaluate(weights, engines) for name, weights in models.items()}
+    engines: dict[str, SegmentationEngine] = {}
+    for run in progress.missing:
+        if not may_start():
+            break
+        if "centralized" not in sources:
+            sources["centralized"] = (write_dataset(workdir / "pooled", pooled, []), 3 * budget)
+            engines.update(evaluation_engines(config, datasets, transform, workdir / "external"))
+        began = time.perf_counter()
+        seeded = replace(config, training=replace(config.training, seed=run.seed))
+        start = initial_weights(seeded)
+        if run.name == "fedavg":
+            job = workdir / f"fedavg-seed-{run.seed}"
+            weights, record = train_fedavg(seeded, datasets, artifact, job, start)
+        else:
+            dataset, steps = sources[run.name]
+            weights, record = train_engine(seeded, dataset, transform, steps, start)
+        result = {
+            "model": run.name,
+            "seed": run.seed,
+            "training": record,
+            "evaluation": evaluate(weights, engines),
+            "measured": {
+                "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "seconds": round(time.perf_counter() - began, 1),
+                "commit": source_commit(),
+                "machine": machine(),
+            },
+        }
+        store.save(run, result)
+        progress.results[run] = result
+        log(f"{arm}: {run.name} (seed {run.seed}) trained, {record['steps']} steps in "
+            f"{record['seconds']} s")  # fmt: skip
+    return progress
+
+
+def assemble_arm(progress: ArmProgress) -> dict:
+    """One arm's section of the results, from all its measured models."""
+    first = progress.runs[0].seed
+    seeds = sorted({run.seed for run in progress.runs})
+    names = [run.name for run in progress.runs if run.seed == first]
+    ordered = sorted(names, key=lambda name: (not name.startswith("local"), name))
+    first_results = {name: progress.results[ModelRun(name, first)] for name in ordered}
+    training = {name: result["training"] for name, result in first_results.items()}
+    evaluation = {name: result["evaluation"] for name, result in first_results.items()}
+    pair = ("centralized", "fedavg")
+    repeats = {
+        "seeds": seeds,
+        "training": [
+            {name: progress.results[ModelRun(name, seed)]["training"] for name in pair}
+            for seed in seeds[1:]
+        ],
+        **{
+            name: [progress.results[ModelRun(name, seed)]["evaluation"] for seed in seeds]
+            for name in pair
+        },
+    }
     fedavg = evaluation["fedavg"]
-    repeats = {"seeds": [config.training.seed], "training": [], **{
-        name: [evaluation[name]] for name in ("centralized", "fedavg")
-    }}  # fmt: skip
-    for seed in range(config.training.seed + 1, config.training.seed + seeds):
-        seeded = replace(config, training=replace(config.training, seed=seed))
-        seed_start = initial_weights(seeded)
-        central, central_record = train_engine(
-            seeded, sources["centralized"][0], transform, 3 * budget, seed_start
-        )
-        federated, federated_record = train_fedavg(
-            seeded, datasets, artifact, workdir / f"fedavg-seed-{seed}", seed_start
-        )
-        log(f"{arm}: seed {seed}: centralized {central_record['seconds']} s, fedavg "
-            f"{federated_record['seconds']} s")  # fmt: skip
-        repeats["seeds"].append(seed)
-        repeats["centralized"].append(evaluate(central, engines))
-        repeats["fedavg"].append(evaluate(federated, engines))
-        repeats["training"].append({"centralized": central_record, "fedavg": federated_record})
     return {
-        "config": config.to_dict(),
-        "harmonization_hash": artifact_hash,
+        "config": progress.config.to_dict(),
+        "harmonization_hash": progress.harmonization_hash,
+        "measured_models": progress.folder.name,
         "training": training,
         "evaluation": evaluation,
         "repeats": repeats,
@@ -366,6 +545,23 @@ def run_arm(
             for r in REGIONS
         ),
     }
+
+
+def measured_pairs_gaps(progress: ArmProgress) -> dict | None:
+    """Goal 1's gaps over the seeds whose centralized and FedAvg models are both measured."""
+    seeds = sorted({run.seed for run in progress.runs})
+    done = [
+        seed
+        for seed in seeds
+        if all(ModelRun(name, seed) in progress.results for name in ("centralized", "fedavg"))
+    ]
+    if not done:
+        return None
+    repeats = {
+        name: [progress.results[ModelRun(name, seed)]["evaluation"] for seed in done]
+        for name in ("centralized", "fedavg")
+    }
+    return {"seeds": done, "gaps": fedavg_gaps({"repeats": repeats})}
 
 
 def model_summary(results: dict) -> dict:
@@ -539,6 +735,19 @@ def main() -> None:
         default=3,
         help="training seeds of the harmonized arm's centralized and FedAvg models (default 3)",
     )
+    parser.add_argument(
+        "--runs-folder",
+        type=Path,
+        default=RUNS_FOLDER,
+        help="where measured models are kept between runs (default benchmarks/results/"
+        "quality_runs)",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=float,
+        metavar="MINUTES",
+        help="start no model after this many minutes; the next run continues",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the workspace (logs, models)")
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 2 rounds of 10 steps, 2 seeds"
@@ -548,17 +757,34 @@ def main() -> None:
         args.rounds, args.local_steps, args.cases, args.size, args.seeds = 2, 10, 6, 48, 2
 
     began = time.perf_counter()
+    deadline = began + 60 * args.stop_after if args.stop_after is not None else None
     with scratch_folder(args.workspace, "quality-", keep=args.keep) as root:
+        if args.quick:  # measured afresh, kept with the workspace
+            args.runs_folder = root / "measured"
         datasets = build_datasets(root, args.cases, args.size, args.seed, args.validation_fraction)
         cases = {
             site: {name: len(labelled_cases(dataset, name)) for name in ("training", "validation")}
             for site, dataset in datasets.items()
         }
         intensities = {site: intensity_range(dataset) for site, dataset in datasets.items()}
-        arms = {
-            arm: run_arm(arm, args, datasets, root, args.seeds if arm == GOAL_ARM else 1)
-            for arm in ARMS
+        digest = dataset_digest(datasets)
+        progress = {
+            arm: run_arm(
+                arm,
+                args,
+                datasets,
+                root,
+                digest,
+                lambda: deadline is None or time.perf_counter() < deadline,
+                args.seeds if arm == GOAL_ARM else 1,
+            )
+            for arm in sorted(ARMS, key=lambda arm: arm != GOAL_ARM)  # goal 1's arm first
         }
+    if any(arm.missing for arm in progress.values()):
+        print(json.dumps(incomplete_status(progress)))
+        log("not every model is measured yet: run the same command again to continue")
+        return
+    arms = {arm: assemble_arm(progress[arm]) for arm in ARMS}
     summary = {
         "benchmark": "quality",
         "synth": {"sites": 4, "cases_per_site": args.cases, "size": args.size, "seed": args.seed},
@@ -578,7 +804,9 @@ def main() -> None:
         },
         "arms": arms,
         **goals(arms),
-        "seconds_total": round(time.perf_counter() - began, 1),
+        "command": " ".join(["python benchmarks/quality.py", *setting_arguments(parser, args)]),
+        "measured": measurement_record(progress.values()),
+        "seconds_this_run": round(time.perf_counter() - began, 1),
         "machine": machine(),
     }
     if args.quick:  # the report is rendered all the same, into the workspace
@@ -588,6 +816,53 @@ def main() -> None:
         (HERE / "results" / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
         (HERE / "quality.md").write_text(_markdown(summary))
     print(json.dumps({k: v for k, v in summary.items() if k != "arms"}))
+
+
+def setting_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The command-line options that set the measurement apart from the defaults."""
+    keys = ("rounds", "local_steps", "seeds", "cases", "validation_fraction", "size", "seed")
+    return [
+        f"--{key.replace('_', '-')} {getattr(args, key)}"
+        for key in keys
+        if getattr(args, key) != parser.get_default(key)
+    ]
+
+
+def incomplete_status(progress: dict[str, ArmProgress]) -> dict:
+    """What a run that stopped before the end has measured, and goal 1's gaps so far."""
+    partial = measured_pairs_gaps(progress[GOAL_ARM])
+    return {
+        "complete": False,
+        "measured": {arm: len(p.results) for arm, p in progress.items()},
+        "missing": {
+            arm: [f"{run.name} seed {run.seed}" for run in p.missing] for arm, p in progress.items()
+        },
+        "folders": {arm: str(p.folder) for arm, p in progress.items()},
+        "goal_arm_pairs_so_far": partial
+        and {
+            "seeds": partial["seeds"],
+            "largest_gap": largest_gap(partial["gaps"]),
+            "mean_gap": mean_gap(partial["gaps"]),
+            "gaps": {
+                site: {region: round(g["gap"], 4) for region, g in regions.items()}
+                for site, regions in partial["gaps"].items()
+            },
+        },
+    }
+
+
+def measurement_record(progress: Iterable[ArmProgress]) -> dict:
+    """When, where and from which commits the models were measured, and their total time."""
+    measured = [result["measured"] for arm in progress for result in arm.results.values()]
+    machines = {json.dumps(m["machine"], sort_keys=True) for m in measured}
+    return {
+        "models": len(measured),
+        "seconds": round(sum(m["seconds"] for m in measured), 1),
+        "first": min(m["at"] for m in measured),
+        "last": max(m["at"] for m in measured),
+        "commits": sorted({m["commit"] or "unknown" for m in measured}),
+        "machines": [json.loads(m) for m in sorted(machines)],
+    }
 
 
 def _markdown(summary: dict) -> str:
@@ -616,10 +891,10 @@ def _markdown(summary: dict) -> str:
     )
     return f"""# Segmentation quality: local-only, centralized and FedAvg, raw and harmonized
 
-Command: `python benchmarks/quality.py` (results: `benchmarks/results/quality.json`).
+Command: `{summary["command"]}` (results: `benchmarks/results/quality.json`; each model's \
+result in `benchmarks/results/quality_runs/`, one folder per arm).
 Machine: {machine["cpus"]} CPUs ({machine["processor"]}), Python {machine["python"]}, torch \
-{machine["torch"]}, MONAI {machine["monai"]}, NVFlare {machine["nvflare"]}. Whole run: \
-{summary["seconds_total"] / 60:.1f} min.
+{machine["torch"]}, MONAI {machine["monai"]}, NVFlare {machine["nvflare"]}. {_provenance(summary)}
 
 ## Setup
 
@@ -708,6 +983,17 @@ validate every {summary["validation_every_rounds"]} rounds) and after the last o
 
 {_checks(arms)}
 """
+
+
+def _provenance(summary: dict) -> str:
+    measured = summary["measured"]
+    machines = len(measured["machines"])
+    where = "" if machines == 1 else f" on {machines} machines"
+    return (
+        f"Training and evaluation of the {measured['models']} models: "
+        f"{measured['seconds'] / 60:.1f} min in all, measured between {measured['first']} and "
+        f"{measured['last']}{where} (commits {', '.join(c[:7] for c in measured['commits'])})."
+    )
 
 
 def _met(value: bool) -> str:
@@ -847,7 +1133,7 @@ def _reading(summary: dict) -> str:
     seconds = {arm: arms[arm]["training"]["fedavg"]["seconds"] for arm in ARMS}
     paragraphs.append(
         f"- Time. FedAvg took {seconds['raw']:.0f} s (raw) and {seconds['harmonized']:.0f} s "
-        f"(harmonized) of the run's {summary['seconds_total']:.0f} s, for the steps that "
+        f"(harmonized) of the models' {summary['measured']['seconds']:.0f} s, for the steps that "
         f"centralized training did in {training['centralized']['seconds']:.0f} s (harmonized): "
         "the simulator's start, validation of the global model at every site every "
         f"{summary['validation_every_rounds']} rounds, and cross-site evaluation."
