@@ -6,9 +6,9 @@ folder: in an encrypted job only as the packed ciphertext (it refuses anything e
 trained weight is ever written in plaintext), in a plaintext job as a PyTorch state dict of
 the network (the shared AdamW moments of :mod:`fedseg.moments`, when the job has them, go to a
 file of their own, so the model file loads into the network as it is). Next to it, a
-checkpoint record names the round the model completes and the model's hash; that is
-what ``fedseg job resume`` starts from (:mod:`jobs.resume`). :class:`GlobalModelLocator` hands
-the model to NVFlare's cross-site evaluation.
+checkpoint record names the round the model completes and the hashes of the model and of its
+moments; that is what ``fedseg job resume`` starts from (:mod:`jobs.resume`).
+:class:`GlobalModelLocator` hands the model to NVFlare's cross-site evaluation.
 """
 
 from __future__ import annotations
@@ -93,13 +93,16 @@ class GlobalModelPersistor(ModelPersistor):
     def _write(self, model_learnable: ModelLearnable, round_number: int, fl_ctx: FLContext) -> None:
         """Writes the model and its record, each atomically.
 
-        The record (round, hash of this model and of the previous one) is written before the
-        model replaces the previous one, so a crash between the two leaves a record whose
-        ``previous`` entry still describes the model on disk.
+        The record (round, hash of this model and of its shared moments, and the previous
+        round's) is written before the model and then its moments replace the previous ones,
+        so a crash in between leaves a record whose ``previous`` entry still describes the
+        model on disk, or moments whose hash matches neither entry (a resumption then starts
+        them again).
         """
         weights = model_learnable.get("weights") or {}
         path = _app_root(fl_ctx) / self.file_name
         temporary = path.with_name(f".tmp-{path.name}")
+        moments_temporary = None
         if self.encrypted:
             if set(weights) != {PACKED_KEY}:
                 raise ValueError("refusing to persist a model that is not encrypted")
@@ -111,17 +114,20 @@ class GlobalModelPersistor(ModelPersistor):
             if moments:
                 moments_temporary = path.with_name(f".tmp-{PLAINTEXT_MOMENTS_FILE}")
                 torch.save(_tensors(moments), moments_temporary)
-                os.replace(moments_temporary, path.with_name(PLAINTEXT_MOMENTS_FILE))
         record_path = path.with_name(CHECKPOINT_FILE)
         previous = json.loads(record_path.read_text()) if record_path.is_file() else None
         record = {
             "round": round_number,
             "model_file": path.name,
             "sha256": file_sha256(temporary),
-            "previous": previous and {k: previous[k] for k in ("round", "sha256")},
+            "moments_sha256": moments_temporary and file_sha256(moments_temporary),
+            "previous": previous
+            and {k: previous.get(k) for k in ("round", "sha256", "moments_sha256")},
         }
         write_json_atomic(record_path, record)
         os.replace(temporary, path)
+        if moments_temporary:
+            os.replace(moments_temporary, path.with_name(PLAINTEXT_MOMENTS_FILE))
 
     def get_model_inventory(self, fl_ctx: FLContext) -> dict[str, ModelDescriptor]:
         """The saved global model, once there is one."""

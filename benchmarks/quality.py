@@ -478,9 +478,9 @@ def run_arm(
     for run in progress.missing:
         if not may_start():
             break
-        if "centralized" not in sources:
+        if not engines:  # the first model this run trains: pooled data, evaluation engines
             sources["centralized"] = (write_dataset(workdir / "pooled", pooled, []), 3 * budget)
-            engines.update(evaluation_engines(config, datasets, transform, workdir / "external"))
+            engines = evaluation_engines(config, datasets, transform, workdir / "external")
         began = time.perf_counter()
         seeded = replace(config, training=replace(config.training, seed=run.seed))
         start = initial_weights(seeded)

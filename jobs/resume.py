@@ -9,9 +9,11 @@ reports). :func:`find_resume_point` reads and checks them;
 from that model and reports every round of both jobs, each exactly once.
 
 What does not carry over: the sites' own optimizer state and data order restart with the new
-job's processes (the shared moments of :mod:`fedseg.moments` carry over inside an encrypted
-job's ciphertext; a plaintext job starts them from zeros), so a resumed job is not
-bit-for-bit the uninterrupted one.
+job's processes, so a resumed job is not bit-for-bit the uninterrupted one. The shared moments
+of :mod:`fedseg.moments` do carry over: inside an encrypted job's ciphertext, and in a
+plaintext job as the moments file next to the model, when its hash matches the checkpoint
+record's (a server stopped between writing the model and its moments leaves moments of the
+previous round: those start again from zeros).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from app_server.global_model import CHECKPOINT_FILE
+from app_server.global_model import CHECKPOINT_FILE, PLAINTEXT_MOMENTS_FILE
 from app_server.site_reports import (
     RESUMED_REPORTS_FILE,
     SITE_REPORTS_FILE,
@@ -58,6 +60,9 @@ class ResumePoint:
         next_round: The first round still to train (may equal the number of rounds: then only
             the final validation is left).
         model: The global model of round ``next_round - 1``.
+        moments: A plaintext job's shared AdamW moments of that round, or ``None`` (an
+            encrypted job's model holds its own; a job without shared moments, or whose
+            moments file does not match the checkpoint record, starts them from zeros).
         reports: The reports the resumed job starts from (rounds before ``next_round``).
     """
 
@@ -69,6 +74,7 @@ class ResumePoint:
     name: str
     next_round: int
     model: Path
+    moments: Path | None
     reports: dict
 
 
@@ -103,7 +109,7 @@ def find_resume_point(run_folder: Path) -> ResumePoint:
             "run it again, or use fedseg's packed HE (the default), which can"
         )
     config = load_config(custom / RUN_CONFIG_FILE)
-    completed, model = _last_completed_round(app)
+    completed, model, moments = _last_completed_round(app)
     reports_file = app.parent / SITE_REPORTS_FILE
     if not reports_file.is_file():  # a resumed job stopped before any report arrived
         reports_file = custom / RESUMED_REPORTS_FILE
@@ -125,6 +131,7 @@ def find_resume_point(run_folder: Path) -> ResumePoint:
         name=manifest["name"],
         next_round=next_round,
         model=model,
+        moments=moments,
         reports=resumed_content(reports, next_round, job_id),
     )
 
@@ -153,8 +160,13 @@ def _job_id(run_folder: Path) -> str:
     return run_folder.name
 
 
-def _last_completed_round(app: Path) -> tuple[int, Path]:
-    """The last round whose global model is on disk, checked against the checkpoint record."""
+def _last_completed_round(app: Path) -> tuple[int, Path, Path | None]:
+    """The last round whose global model is on disk, checked against the checkpoint record.
+
+    Returns:
+        The round, its model and, when the record names them and the file on disk matches,
+        its shared moments.
+    """
     record_path = app / CHECKPOINT_FILE
     if not record_path.is_file():
         raise ResumeError(
@@ -164,16 +176,21 @@ def _last_completed_round(app: Path) -> tuple[int, Path]:
     record = json.loads(record_path.read_text())
     model = app / record["model_file"]
     digest = file_sha256(model) if model.is_file() else None
-    if digest == record["sha256"]:
-        return record["round"], model
     previous = record.get("previous")
-    if previous and digest == previous["sha256"]:  # stopped between the record and the model
-        return previous["round"], model
-    raise ResumeError(
-        f"{model}: the global model does not match its checkpoint record "
-        f"({record_path.name}, round {record['round']}); it was altered or lost, so the job "
-        "cannot be resumed: submit it again"
-    )
+    if digest == record["sha256"]:
+        entry = record
+    elif previous and digest == previous["sha256"]:  # stopped between the record and the model
+        entry = previous
+    else:
+        raise ResumeError(
+            f"{model}: the global model does not match its checkpoint record "
+            f"({record_path.name}, round {record['round']}); it was altered or lost, so the job "
+            "cannot be resumed: submit it again"
+        )
+    moments = app / PLAINTEXT_MOMENTS_FILE
+    expected = entry.get("moments_sha256")
+    matches = expected is not None and moments.is_file() and file_sha256(moments) == expected
+    return entry["round"], model, moments if matches else None
 
 
 def _final_validation_done(reports: dict) -> bool:

@@ -197,9 +197,18 @@ def _scatter_and_gather(
         initial_model = staging / f"{RESUMED_MODEL_STEM}{resume.model.suffix}"
         if encrypted or not config.training.shared_moments:  # ciphertext holds its moments
             shutil.copyfile(resume.model, initial_model)
-        else:  # the plaintext model file holds the network alone: moments start again
+        else:  # the plaintext model file holds the network alone, its moments are beside it
             state = torch.load(resume.model, map_location="cpu", weights_only=True)
-            torch.save({**state, **zero_moments(initial_network(config))}, initial_model)
+            if resume.moments is None:
+                logger.warning(
+                    "no shared moments match the checkpoint record of round %d: they start "
+                    "again from zeros",
+                    resumed_round,
+                )
+                moments = zero_moments(initial_network(config))
+            else:
+                moments = torch.load(resume.moments, map_location="cpu", weights_only=True)
+            torch.save({**state, **moments}, initial_model)
         write_json_atomic(staging / RESUMED_REPORTS_FILE, resume.reports)
         job.add_file_to(str(staging / RESUMED_REPORTS_FILE), SERVER_SITE_NAME)
     job.add_file_to(str(initial_model), SERVER_SITE_NAME)

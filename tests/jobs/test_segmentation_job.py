@@ -200,6 +200,17 @@ def server_run_copy(job_run, destination):
     return destination
 
 
+def remove_final_validation(run_folder, failures=()):
+    """Stages a server that stopped before its sites' final validation arrived."""
+    reports = run_folder / SITE_REPORTS_FILE
+    content = json.loads(reports.read_text())
+    for document in content["sites"].values():
+        document["final"] = None
+    if failures:
+        content["failures"] = list(failures)
+    reports.write_text(json.dumps(content))
+
+
 def test_a_completed_job_has_nothing_to_resume(job_run, tmp_path):
     run_folder = server_run_copy(job_run, tmp_path / "run")
     result = subprocess.run(
@@ -225,15 +236,24 @@ def test_a_server_stopped_between_record_and_model_resumes_at_the_model_on_disk(
     record_path = run_folder / "app_server" / CHECKPOINT_FILE
     record = json.loads(record_path.read_text())
     assert record["round"] == 1
-    previous = {"round": 1, "sha256": record["sha256"]}
-    ahead = {**record, "round": 2, "sha256": "0" * 64, "previous": previous}
-    record_path.write_text(json.dumps(ahead))
-    reports = run_folder / SITE_REPORTS_FILE
-    content = json.loads(reports.read_text())
-    for document in content["sites"].values():
-        document["final"] = None  # it never got to the final validation
-    reports.write_text(json.dumps(content))
-    assert find_resume_point(run_folder).next_round == 2
+    previous = {k: record[k] for k in ("round", "sha256", "moments_sha256")}
+    ahead = {**record, "round": 2, "sha256": "0" * 64, "moments_sha256": "0" * 64}
+    record_path.write_text(json.dumps({**ahead, "previous": previous}))
+    remove_final_validation(run_folder)
+    point = find_resume_point(run_folder)
+    assert point.next_round == 2
+    assert point.moments == run_folder / "app_server" / PLAINTEXT_MOMENTS_FILE
+
+
+def test_moments_that_do_not_match_the_checkpoint_record_are_not_resumed(job_run, tmp_path):
+    """The server died after replacing the model and before replacing its moments."""
+    run_folder = server_run_copy(job_run, tmp_path / "run")
+    moments_path = run_folder / "app_server" / PLAINTEXT_MOMENTS_FILE
+    moments = torch.load(moments_path, weights_only=True)
+    torch.save({key: value * 2 for key, value in moments.items()}, moments_path)
+    remove_final_validation(run_folder)
+    point = find_resume_point(run_folder)
+    assert point.next_round == 2 and point.moments is None
 
 
 def test_a_job_stopped_during_its_final_validation_resumes_with_only_that_left(
@@ -241,12 +261,7 @@ def test_a_job_stopped_during_its_final_validation_resumes_with_only_that_left(
 ):
     """The server died after the last round: its reports hold every round but no final one."""
     run_folder = server_run_copy(job_run, tmp_path / "run")
-    reports = run_folder / SITE_REPORTS_FILE
-    content = json.loads(reports.read_text())
-    for document in content["sites"].values():
-        document["final"] = None
-    content["failures"] = ["the server stopped"]
-    reports.write_text(json.dumps(content))
+    remove_final_validation(run_folder, failures=["the server stopped"])
     sites = [str(datasets[name]) for name in ("site-1", "site-2", "site-3")]
     result = subprocess.run(
         [FEDSEG, "job", "resume", str(run_folder), *[a for s in sites for a in ("--site", s)],
@@ -271,3 +286,10 @@ def test_a_job_stopped_during_its_final_validation_resumes_with_only_that_left(
         for w in (run_folder, tmp_path / "resumed" / "simulation")
     )
     assert all(torch.equal(before[key], after[key]) for key in before), "no round was trained again"
+    moments_before, moments_after = (
+        torch.load(next(w.rglob(f"app_server/{PLAINTEXT_MOMENTS_FILE}")), weights_only=True)
+        for w in (run_folder, tmp_path / "resumed" / "simulation")
+    )
+    assert moments_before.keys() == moments_after.keys()
+    assert all(torch.equal(moments_before[k], moments_after[k]) for k in moments_before)
+    assert any(bool(value.any()) for value in moments_after.values()), "not restarted from zeros"
