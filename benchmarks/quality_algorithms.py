@@ -14,7 +14,10 @@ initial weights, network, AdamW and learning-rate schedule):
   gradient a site computes is corrected by the federation's mean gradient of the previous round
   minus the site's own, before AdamW sees it.
 - ``shared_moments``: at the start of each round every site's AdamW second-moment estimate is
-  replaced by the sites' mean, so that all sites scale their steps alike (what the job does).
+  replaced by the sites' mean, so that all sites scale their steps alike. The job does the
+  same through the global model, with one difference: it averages the square roots (each
+  site's gradient RMS, :mod:`fedseg.moments`) and squares the mean, which is at most the mean
+  of the second moments.
 
 A run may also give a server learning rate: the global model then moves by that multiple of
 the sites' mean weight difference (FedAvg with server SGD, Reddi et al., 2021), which makes up
