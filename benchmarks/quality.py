@@ -87,6 +87,7 @@ from app_site.ingest.pipeline import IngestOptions, ingest
 from app_site.training_task import summarize
 from fedseg.artifacts import write_artifact
 from fedseg.config import RunConfig, config_from_dict, load_config
+from fedseg.files import write_json_atomic
 from fedseg.harmonization import (
     HarmonizationConfig,
     artifact_transform,
@@ -387,14 +388,8 @@ class MeasuredModels:
         self.folder.mkdir(parents=True, exist_ok=True)
         setting = self.folder / "setting.json"
         if not setting.exists():
-            _write_atomically(setting, self.setting)
-        _write_atomically(self.folder / run.file_name, result)
-
-
-def _write_atomically(path: Path, document: dict) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(partial, path)
+            write_json_atomic(setting, self.setting)
+        write_json_atomic(self.folder / run.file_name, result)
 
 
 def source_commit() -> str | None:
@@ -525,10 +520,7 @@ def assemble_arm(progress: ArmProgress) -> dict:
             {name: progress.results[ModelRun(name, seed)]["training"] for name in pair}
             for seed in seeds[1:]
         ],
-        **{
-            name: [progress.results[ModelRun(name, seed)]["evaluation"] for seed in seeds]
-            for name in pair
-        },
+        **pair_evaluations(progress, seeds),
     }
     fedavg = evaluation["fedavg"]
     return {
@@ -557,11 +549,15 @@ def measured_pairs_gaps(progress: ArmProgress) -> dict | None:
     ]
     if not done:
         return None
-    repeats = {
-        name: [progress.results[ModelRun(name, seed)]["evaluation"] for seed in done]
+    return {"seeds": done, "gaps": fedavg_gaps({"repeats": pair_evaluations(progress, done)})}
+
+
+def pair_evaluations(progress: ArmProgress, seeds: list[int]) -> dict[str, list[dict]]:
+    """The evaluations of the centralized and FedAvg models of ``seeds``, in seed order."""
+    return {
+        name: [progress.results[ModelRun(name, seed)]["evaluation"] for seed in seeds]
         for name in ("centralized", "fedavg")
     }
-    return {"seeds": done, "gaps": fedavg_gaps({"repeats": repeats})}
 
 
 def model_summary(results: dict) -> dict:
