@@ -21,12 +21,14 @@ FedAvg job builds its own) with the same network, optimizer, learning rate, batc
 
 Compute budget, in optimizer steps of one batch: FedAvg runs R rounds of S local steps at each
 of the 3 sites, 3RS steps in all; centralized gets 3RS steps; each local-only model gets RS
-steps, its own site's share of the federation's compute. The default, 300 x 20 (18000 steps),
-is three times the budget of the first measurements: at 6000 steps the centralized model was
+steps, its own site's share of the federation's compute. The default, 900 x 20 (54000 steps),
+is nine times the budget of the first measurements. At 6000 steps the centralized model was
 still improving and FedAvg, which makes a third of centralized's sequential steps, trailed it
-systematically (by 0.003 to 0.047 Dice over three seeds, in all nine site and region pairs;
-at 200 x 20, by 0.001 to 0.023; both on validation splits of 4 to 8 cases). At 300 x 20
-FedAvg's global model has stopped moving.
+in all nine site and region pairs (by up to 0.047 Dice, on validation splits of 4 to 8
+cases). At 300 x 20 (18000 steps, ``benchmarks/quality_300.md``) FedAvg's global model had
+stopped moving but centralized had not (it gains 0.016 mean Dice from 18000 to 54000 steps,
+``benchmarks/quality_budget.md``), and FedAvg trailed it by up to 0.055 on the present
+validation splits. The default takes about six hours on two CPU cores, in parts (below).
 
 Every model is evaluated with the engine's sliding-window validation (``SegmentationEngine``
 with the model's weights loaded) on each training site's validation split and on the external
@@ -52,9 +54,10 @@ NVFlare's simulator needs a writable HOME. Workspaces go under ``--workspace`` (
 
 Usage: python benchmarks/quality.py [--rounds R] [--local-steps S] [--seeds N] [--cases N]
     [--validation-fraction F] [--size S] [--seed K] [--runs-folder DIR]
-    [--stop-after MINUTES] [--workspace DIR] [--keep] [--quick]
-Writes benchmarks/results/quality.json and benchmarks/quality.md (with --quick only the
-report, as ``quality-quick.md`` in the workspace, from models measured afresh).
+    [--stop-after MINUTES] [--name NAME] [--workspace DIR] [--keep] [--quick]
+Writes benchmarks/results/NAME.json and benchmarks/NAME.md (NAME defaults to ``quality``;
+with --quick only the report, as ``quality-quick.md`` in the workspace, from models measured
+afresh).
 """
 
 from __future__ import annotations
@@ -722,7 +725,7 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=300, help="FedAvg rounds R (default 300)")
+    parser.add_argument("--rounds", type=int, default=900, help="FedAvg rounds R (default 900)")
     parser.add_argument("--local-steps", type=int, default=20, help="local steps S (default 20)")
     add_data_arguments(parser)
     parser.add_argument(
@@ -743,6 +746,11 @@ def main() -> None:
         type=float,
         metavar="MINUTES",
         help="start no model after this many minutes; the next run continues",
+    )
+    parser.add_argument(
+        "--name",
+        default="quality",
+        help="the report goes to benchmarks/NAME.md and benchmarks/results/NAME.json",
     )
     parser.add_argument("--keep", action="store_true", help="keep the workspace (logs, models)")
     parser.add_argument(
@@ -783,6 +791,7 @@ def main() -> None:
     arms = {arm: assemble_arm(progress[arm]) for arm in ARMS}
     summary = {
         "benchmark": "quality",
+        "name": args.name,
         "synth": {"sites": 4, "cases_per_site": args.cases, "size": args.size, "seed": args.seed},
         "validation_fraction": args.validation_fraction,
         "validation_every_rounds": VALIDATION_EVERY_ROUNDS,
@@ -809,14 +818,23 @@ def main() -> None:
         (args.workspace / "quality-quick.md").write_text(_markdown(summary))
     else:
         (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (HERE / "quality.md").write_text(_markdown(summary))
+        (HERE / "results" / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (HERE / f"{args.name}.md").write_text(_markdown(summary))
     print(json.dumps({k: v for k, v in summary.items() if k != "arms"}))
 
 
 def setting_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     """The command-line options that set the measurement apart from the defaults."""
-    keys = ("rounds", "local_steps", "seeds", "cases", "validation_fraction", "size", "seed")
+    keys = (
+        "rounds",
+        "local_steps",
+        "seeds",
+        "cases",
+        "validation_fraction",
+        "size",
+        "seed",
+        "name",
+    )
     return [
         f"--{key.replace('_', '-')} {getattr(args, key)}"
         for key in keys
@@ -887,8 +905,8 @@ def _markdown(summary: dict) -> str:
     )
     return f"""# Segmentation quality: local-only, centralized and FedAvg, raw and harmonized
 
-Command: `{summary["command"]}` (results: `benchmarks/results/quality.json`; each model's \
-result in `benchmarks/results/quality_runs/`, one folder per arm).
+Command: `{summary["command"]}` (results: `benchmarks/results/{summary["name"]}.json`; each \
+model's result in `benchmarks/results/quality_runs/`, one folder per arm).
 Machine: {machine["cpus"]} CPUs ({machine["processor"]}), Python {machine["python"]}, torch \
 {machine["torch"]}, MONAI {machine["monai"]}, NVFlare {machine["nvflare"]}. {_provenance(summary)}
 
