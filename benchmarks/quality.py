@@ -28,7 +28,8 @@ in all nine site and region pairs (by up to 0.047 Dice, on validation splits of 
 cases). At 300 x 20 (18000 steps, ``benchmarks/quality_300.md``) FedAvg's global model had
 stopped moving but centralized had not (it gains 0.016 mean Dice from 18000 to 54000 steps,
 ``benchmarks/quality_budget.md``), and FedAvg trailed it by up to 0.055 on the present
-validation splits. The default takes about six hours on two CPU cores, in parts (below).
+validation splits. The default takes about seven hours on two CPU cores (416 min for the 14
+models), in parts (below).
 
 Every model is evaluated with the engine's sliding-window validation (``SegmentationEngine``
 with the model's weights loaded) on each training site's validation split and on the external
@@ -818,7 +819,7 @@ def main() -> None:
         (args.workspace / "quality-quick.md").write_text(_markdown(summary))
     else:
         (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json_atomic(HERE / "results" / f"{args.name}.json", summary)
         (HERE / f"{args.name}.md").write_text(_markdown(summary))
     print(json.dumps({k: v for k, v in summary.items() if k != "arms"}))
 
