@@ -8,7 +8,7 @@ nothing, instead of averaging too few sites silently.
 - :class:`PlaintextAggregator` keeps the round's weight differences, refuses non-finite ones
   and those whose norm exceeds ``outlier_factor`` times the median norm of the other sites'
   (decided once the round is complete, so arrival order does not matter), and averages the
-  rest weighted by training steps.
+  rest weighted by what each site declares (training steps, or cases times steps).
 - :class:`PackedHEAggregator` adds packed CKKS updates as they arrive
   (:mod:`fedseg.packed_ckks`); the server's context has no secret key, so it cannot look
   inside them: sites check their own updates before encrypting.
@@ -29,7 +29,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from app_server.report_collector import site_reports_for
 from fedseg.he_context import SERVER_CONTEXT_FILE, load_provisioned_keys
-from fedseg.messages import PACKED_ALGORITHM, PACKED_KEY, REFUSED_META_KEY
+from fedseg.messages import PACKED_ALGORITHM, PACKED_KEY, REFUSED_META_KEY, update_weight
 from fedseg.moments import MOMENTS_PREFIX
 from fedseg.packed_ckks import EncryptedSum, PackedCkksError
 
@@ -165,14 +165,14 @@ class PlaintextAggregator(_RoundAggregator):
     def _add(self, site: str, dxo: DXO, fl_ctx: FLContext) -> str | None:
         if dxo.data_kind != DataKind.WEIGHT_DIFF:
             return f"expected a weight difference, got {dxo.data_kind}"
-        steps = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
-        if not steps or steps <= 0:
-            return "no NUM_STEPS_CURRENT_ROUND to weight the update by"
+        weight = update_weight(dxo)
+        if weight is None:
+            return "no positive aggregation weight or NUM_STEPS_CURRENT_ROUND to weight it by"
         update = {k: np.asarray(v, dtype=np.float64) for k, v in dxo.data.items()}
         bad = sorted(k for k, v in update.items() if not np.all(np.isfinite(v)))
         if bad:
             return f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
-        self._updates[site] = (update, float(steps))
+        self._updates[site] = (update, weight)
         self._dtypes[site] = {k: np.asarray(v).dtype for k, v in dxo.data.items()}
         return None
 

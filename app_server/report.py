@@ -169,7 +169,8 @@ def render_site(document: dict) -> str:
     training_rows = "".join(
         f"<tr><td>{e['round']}</td><td class=num>{e['train_steps']}</td>"
         f"<td class=num>{e['train_loss']:.4f}</td>"
-        f"<td class=num>{e['train_seconds']:.1f}</td></tr>"
+        f"<td class=num>{e['train_seconds']:.1f}</td>"
+        f"<td class=num>{e.get('aggregation_weight', '-')}</td></tr>"  # '-': before the weight
         for e in rounds
     )
     data = document["data"]
@@ -195,7 +196,8 @@ Device: <b>{html.escape(document["device"])}</b>. Harmonization artifact:
 <td class=num>{qc.get("accepted", "-")} / {qc.get("rejected", "-")} / {qc.get("skipped", "-")}</td>
 </tr></table>
 <h2>Training</h2>
-<table><tr><th>round</th><th>steps</th><th>loss</th><th>seconds</th></tr>
+<table><tr><th>round</th><th>steps</th><th>loss</th><th>seconds</th>
+<th>weight in the average</th></tr>
 {training_rows}</table>"""
     return _page(f"fedseg report: {document['site']}", body)
 

@@ -93,6 +93,7 @@ class SiteReports:
             "train_loss": report["training"]["loss"],
             "train_steps": report["training"]["steps"],
             "train_seconds": report["training"]["seconds"],
+            "aggregation_weight": report["training"]["weight"],
         }
         with self._lock:
             document = self._site(site, report)

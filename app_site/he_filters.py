@@ -1,7 +1,7 @@
 """NVFlare filters at a site: packed CKKS encryption, decryption, and an outgoing audit.
 
 Thin shells over :mod:`fedseg.packed_ckks`. Outgoing training results become one ciphertext
-payload (the update weighted by its training steps); incoming encrypted global models are
+payload (the update times its aggregation weight); incoming encrypted global models are
 decrypted and averaged here, never at the server. The audit filter records the structure of every
 outgoing message (keys, types, sizes; never values) and, in an encrypted job, refuses to send
 anything but ciphertext and declared metadata.
@@ -27,12 +27,14 @@ from tenseal.tensors.ckksvector import CKKSVector
 
 from fedseg.he_context import CLIENT_CONTEXT_FILE, load_provisioned_keys
 from fedseg.messages import (
+    AGGREGATION_WEIGHT_META_KEY,
     FINAL_VALIDATION,
     PACKED_ALGORITHM,
     PACKED_KEY,
     PURPOSE_META_KEY,
     REFUSED_META_KEY,
     REPORT_META_KEY,
+    update_weight,
 )
 from fedseg.packed_ckks import decrypt_model, encrypt_update
 
@@ -40,6 +42,7 @@ from fedseg.packed_ckks import decrypt_model, encrypt_update
 DECLARED_META_KEYS = frozenset(
     {
         MetaKey.NUM_STEPS_CURRENT_ROUND,
+        AGGREGATION_WEIGHT_META_KEY,  # steps, or training cases times steps
         MetaKey.INITIAL_METRICS,
         MetaKey.PROCESSED_ALGORITHM,
         MetaKey.PROCESSED_KEYS,
@@ -90,7 +93,7 @@ class _SiteKeysFilter(DXOFilter):
 
 
 class PackedHEEncryptor(_SiteKeysFilter):
-    """Task-result filter: encrypts a site's model, weighted by its training steps.
+    """Task-result filter: encrypts a site's model, times its aggregation weight.
 
     Args:
         tenseal_context_file: The site's provisioned context.
@@ -100,17 +103,20 @@ class PackedHEEncryptor(_SiteKeysFilter):
         """Replaces the weights by their packed encryption.
 
         Raises:
-            ValueError: If the weights are already encrypted or lack the step count, or hold
+            ValueError: If the weights are already encrypted or lack a weight, or hold
                 non-finite values (refused before anything is encrypted or sent).
         """
         if PACKED_KEY in dxo.data:
             raise ValueError("the update is already encrypted")
-        steps = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
-        if not steps or steps <= 0:
-            raise ValueError("the update carries no NUM_STEPS_CURRENT_ROUND to weight it by")
+        weight = update_weight(dxo)
+        if weight is None:
+            raise ValueError(
+                "the update carries no positive aggregation weight or NUM_STEPS_CURRENT_ROUND "
+                "to weight it by"
+            )
         start = time.perf_counter()
         weights = {name: np.asarray(value) for name, value in dxo.data.items()}
-        blob = encrypt_update(self._keys.get(fl_ctx), weights, float(steps))
+        blob = encrypt_update(self._keys.get(fl_ctx), weights, weight)
         self.log_info(
             fl_ctx,
             f"encrypted {sum(w.size for w in weights.values())} values in "

@@ -2,8 +2,10 @@
 
 Each round the site validates the global model it received on its own validation split (every
 ``validation.every_rounds`` rounds; the final global model always), trains locally, and sends
-its model with the number of steps (the job decides how it travels: as a difference to the
-global model, or encrypted by the job's HE filters). When the job shares AdamW's moments (its
+its model with the number of steps and the weight it asks the update to count with in the
+average (its steps, or its training cases times its steps: the manifest's
+``aggregation_weight``); the job decides how the model travels: as a difference to the
+global model, or encrypted by the job's HE filters. When the job shares AdamW's moments (its
 manifest says so), the site starts training from the global model's gradient RMS and sends its
 own with its model (:mod:`fedseg.moments`). ``evaluate`` tasks (the final global model's
 validation, cross-site evaluation) and ``submit_model`` tasks are served too. Each result
@@ -32,6 +34,7 @@ from app_site.site_config import site_dataset
 from fedseg.config import ConfigError, RunConfig, load_config
 from fedseg.harmonization import artifact_transform, read_harmonization_artifact
 from fedseg.messages import (
+    AGGREGATION_WEIGHT_META_KEY,
     FINAL_VALIDATION,
     PURPOSE_META_KEY,
     REFUSED_META_KEY,
@@ -55,6 +58,27 @@ def summarize(cases: list[CaseMetrics]) -> dict[str, float]:
         summary[f"hd95_{region}"] = float(np.mean(distances)) if distances else float("nan")
     summary["dice_mean"] = float(np.mean([summary[f"dice_{r}"] for r in ("TC", "WT", "ET")]))
     return summary
+
+
+def aggregation_weight(weighting: str, steps: int, training_cases: int) -> int:
+    """The weight a site's update counts with in the federation's weighted mean.
+
+    Args:
+        weighting: ``steps`` or ``cases`` (``training.aggregation_weight``).
+        steps: Optimizer steps the site made this round.
+        training_cases: Cases in the site's training split.
+
+    Returns:
+        ``steps``, or ``training_cases * steps``.
+
+    Raises:
+        ValueError: If ``weighting`` is neither.
+    """
+    if weighting == "steps":
+        return steps
+    if weighting == "cases":
+        return training_cases * steps
+    raise ValueError(f"aggregation weight must be steps or cases, got {weighting!r}")
 
 
 def update_problem(
@@ -165,6 +189,7 @@ def run(script_folder: Path) -> None:
     )
     record = _SiteRecord(metrics_path, site, engine, dataset, manifest)
     shares_moments = bool(manifest.get("shared_moments"))
+    weighting = manifest.get("aggregation_weight", "steps")  # jobs built before it: steps
 
     while flare.is_running():
         task = flare.receive()
@@ -184,9 +209,14 @@ def run(script_folder: Path) -> None:
                 engine.load_gradient_rms(shared, steps_done=task.current_round * steps)
             trained = engine.train(steps, first_step=task.current_round * steps)
             metrics = summarize(cases) if validates else None
-            report = record.round(task.current_round, metrics, cases, trained)
+            weight = aggregation_weight(weighting, trained.steps, len(engine.train_files))
+            report = record.round(task.current_round, metrics, cases, trained, weight)
             weights = engine.weights()
-            meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: trained.steps, REPORT_META_KEY: report}
+            meta = {
+                FLMetaKey.NUM_STEPS_CURRENT_ROUND: trained.steps,
+                AGGREGATION_WEIGHT_META_KEY: weight,
+                REPORT_META_KEY: report,
+            }
             refusal = update_problem(received, weights, config.federation.max_update_ratio)
             if refusal:  # nothing of the broken model leaves the site
                 record.refusal(task.current_round, refusal)
@@ -245,8 +275,10 @@ class _SiteRecord:
             "evaluations": [],
         }
 
-    def round(self, number, metrics, cases, trained) -> dict:
+    def round(self, number, metrics, cases, trained, weight) -> dict:
         """Records a round; returns the report declared with the update.
+
+        ``weight`` is what the update counts for in the federation's average.
 
         ``metrics`` and ``cases`` are ``None`` in a round without validation; the report's
         ``validation`` is then ``None``.
@@ -254,7 +286,12 @@ class _SiteRecord:
         validation = (
             None if cases is None else {"metrics": metrics, "cases": [asdict(c) for c in cases]}
         )
-        training = {"loss": trained.mean_loss, "steps": trained.steps, "seconds": trained.seconds}
+        training = {
+            "loss": trained.mean_loss,
+            "steps": trained.steps,
+            "seconds": trained.seconds,
+            "weight": weight,
+        }
         self.document["rounds"].append(
             {
                 "round": number,
@@ -262,6 +299,7 @@ class _SiteRecord:
                 "train_loss": trained.mean_loss,
                 "train_steps": trained.steps,
                 "train_seconds": trained.seconds,
+                "aggregation_weight": weight,
             }
         )
         self._write()

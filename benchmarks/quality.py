@@ -53,7 +53,8 @@ command run again continues. The report is written once every model is measured.
 NVFlare's simulator needs a writable HOME. Workspaces go under ``--workspace`` (default
 ``/tmp/quality-bench``) and are removed at the end unless ``--keep``.
 
-Usage: python benchmarks/quality.py [--rounds R] [--local-steps S] [--seeds N] [--cases N]
+Usage: python benchmarks/quality.py [--rounds R] [--local-steps S]
+    [--aggregation-weight steps|cases] [--seeds N] [--cases N]
     [--validation-fraction F] [--size S] [--seed K] [--runs-folder DIR]
     [--stop-after MINUTES] [--name NAME] [--workspace DIR] [--keep] [--quick]
 Writes benchmarks/results/NAME.json and benchmarks/NAME.md (NAME defaults to ``quality``;
@@ -90,7 +91,7 @@ from app_site.harmonization import dataset_images, load_channel_first, site_stat
 from app_site.ingest.pipeline import IngestOptions, ingest
 from app_site.training_task import summarize
 from fedseg.artifacts import write_artifact
-from fedseg.config import RunConfig, config_from_dict, load_config
+from fedseg.config import AGGREGATION_WEIGHTS, RunConfig, config_from_dict, load_config
 from fedseg.files import write_json_atomic
 from fedseg.harmonization import (
     HarmonizationConfig,
@@ -182,12 +183,18 @@ def write_dataset(folder: Path, training: list[dict], validation: list[dict]) ->
     return folder
 
 
-def run_config(rounds: int, local_steps: int, harmonization: str) -> RunConfig:
+def run_config(
+    rounds: int, local_steps: int, harmonization: str, aggregation_weight: str = "steps"
+) -> RunConfig:
     """The benchmark's run configuration: ``tiny`` with its schedule, on the CPU."""
     document = load_config("tiny").to_dict()
     document["harmonization"]["method"] = harmonization
     document["training"].update(
-        rounds=rounds, local_steps=local_steps, min_sites=len(TRAINING_SITES), device="cpu"
+        rounds=rounds,
+        local_steps=local_steps,
+        min_sites=len(TRAINING_SITES),
+        device="cpu",
+        aggregation_weight=aggregation_weight,
     )
     document["validation"]["every_rounds"] = VALIDATION_EVERY_ROUNDS
     if harmonization == "none":  # see RAW_OUTLIER_FACTOR
@@ -263,6 +270,7 @@ def train_fedavg(
     record = {
         "steps": sum(steps.values()),
         "steps_per_site": steps,
+        "aggregation_weight": config.training.aggregation_weight,
         "seconds": round(seconds, 1),
         "rounds": len(contributors),
         "rounds_with_every_site": sum(
@@ -373,18 +381,32 @@ class MeasuredModels:
     measurement can be spread over several sessions. The folder is named by a digest of the
     arm's setting (benchmark arguments, run configuration, data, harmonization artifact,
     library versions), so a change to any of them starts a new folder rather than mixing
-    results.
+    results. ``training.aggregation_weight`` is left out of the setting: only FedAvg reads
+    it, and a FedAvg model weighted otherwise than by steps (the weighting of every model
+    measured before the option existed) has its own file in the folder,
+    ``seed-K-fedavg-weighted-by-cases.json``, beside the centralized and local-only models it
+    is compared with.
     """
 
     def __init__(self, root: Path, arm: str, setting: dict) -> None:
         """Opens (without creating) the folder of ``arm`` measured with ``setting``."""
+        setting = json.loads(json.dumps(setting))  # a copy to take the weighting out of
+        self.aggregation_weight = setting["config"]["training"].pop("aggregation_weight")
         text = json.dumps(setting, sort_keys=True)
         self.folder = root / f"{arm}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
         self.setting = setting
 
+    def path(self, run: ModelRun) -> Path:
+        """Where the result of ``run`` is kept."""
+        if run.name == "fedavg" and self.aggregation_weight != "steps":
+            return self.folder / run.file_name.replace(
+                ".json", f"-weighted-by-{self.aggregation_weight}.json"
+            )
+        return self.folder / run.file_name
+
     def load(self, run: ModelRun) -> dict | None:
         """The recorded result of ``run``, or None when it has not been measured."""
-        path = self.folder / run.file_name
+        path = self.path(run)
         return json.loads(path.read_text()) if path.exists() else None
 
     def save(self, run: ModelRun, result: dict) -> None:
@@ -393,7 +415,7 @@ class MeasuredModels:
         setting = self.folder / "setting.json"
         if not setting.exists():
             write_json_atomic(setting, self.setting)
-        write_json_atomic(self.folder / run.file_name, result)
+        write_json_atomic(self.path(run), result)
 
 
 def source_commit() -> str | None:
@@ -443,7 +465,7 @@ def run_arm(
     model RS steps, centralized and FedAvg 3RS. With ``seeds`` above 1, centralized and
     FedAvg are trained once per training seed (``repeats`` of :func:`assemble_arm`).
     """
-    config = run_config(args.rounds, args.local_steps, ARMS[arm])
+    config = run_config(args.rounds, args.local_steps, ARMS[arm], args.aggregation_weight)
     workdir = root / arm
     artifact, transform, artifact_hash = None, None, None
     if config.harmonization.method != "none":
@@ -730,6 +752,13 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=20, help="local steps S (default 20)")
     add_data_arguments(parser)
     parser.add_argument(
+        "--aggregation-weight",
+        choices=AGGREGATION_WEIGHTS,
+        default="steps",
+        help="what each site's update counts for in FedAvg (training.aggregation_weight; "
+        "default steps)",
+    )
+    parser.add_argument(
         "--seeds",
         type=int,
         default=3,
@@ -829,6 +858,7 @@ def setting_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace)
     keys = (
         "rounds",
         "local_steps",
+        "aggregation_weight",
         "seeds",
         "cases",
         "validation_fraction",
@@ -904,6 +934,11 @@ def _markdown(summary: dict) -> str:
         if training.get("shared_moments")
         else "each keeping their own AdamW moments"
     )
+    weighting = {  # before the option existed, every update counted for its steps
+        "steps": "each site's update counting for its steps (equal at every site)",
+        "cases": "each site's update counting for its training cases times its steps "
+        "(`training.aggregation_weight: cases`)",
+    }[training.get("aggregation_weight", "steps")]
     return f"""# Segmentation quality: local-only, centralized and FedAvg, raw and harmonized
 
 Command: `{summary["command"]}` (results: `benchmarks/results/{summary["name"]}.json`; each \
@@ -921,18 +956,17 @@ scanner) is external: never trained on, never in the harmonization fit, evaluate
 labelled cases.
 
 Run configuration (both arms; `tiny` with the benchmark's schedule): `{config["model"]["name"]}` \
-`{json.dumps(config["model"]["args"])}`, spacing {data["spacing"]} mm, crops \
-{data["roi_size"]}, batch {training["batch_size"]}, {training["optimizer"]} at learning rate \
+`{json.dumps(config["model"]["args"])}`, spacing {data["spacing"]} mm, crops {data["roi_size"]}, \
+batch {training["batch_size"]}, {training["optimizer"]} at learning rate \
 {training["learning_rate"]} ({training["lr_schedule"]} schedule over each model's whole run, \
-weight decay {training["weight_decay"]}), FedAvg's sites {moments} and validating the global \
-model every {config["validation"]["every_rounds"]} rounds and the final one, training seed \
-{training["seed"]} (the harmonized arm's centralized and FedAvg models also with seeds \
+weight decay {training["weight_decay"]}), FedAvg's sites {moments}, {weighting}, and validating \
+the global model every {config["validation"]["every_rounds"]} rounds and the final one, training \
+seed {training["seed"]} (the harmonized arm's centralized and FedAvg models also with seeds \
 {", ".join(map(str, seeds[1:])) or "none"}), CPU, no AMP; validation by sliding window (overlap \
-{config["validation"]["overlap"]}). `harmonized`: Nyúl ({config["harmonization"]["mask"]} \
-mask) fitted from the three training sites' declared statistics with `combine_statistics` \
-(what the federated fit computes), applied at every site, {summary["external_site"]} \
-included; `raw`: harmonization `none`{raw_outliers}. A model is evaluated through its own \
-arm's pipeline.
+{config["validation"]["overlap"]}). `harmonized`: Nyúl ({config["harmonization"]["mask"]} mask) \
+fitted from the three training sites' declared statistics with `combine_statistics` (what the \
+federated fit computes), applied at every site, {summary["external_site"]} included; `raw`: \
+harmonization `none`{raw_outliers}. A model is evaluated through its own arm's pipeline.
 
 Compute budget, in optimizer steps of one batch: FedAvg runs R = {budget["rounds"]} rounds of \
 S = {budget["local_steps"]} local steps at each of the 3 sites, 3RS = \

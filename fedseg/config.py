@@ -20,6 +20,8 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 LR_SCHEDULES = ("poly", "constant")
 #: Exponent of the polynomial decay (nnU-Net's choice).
 POLY_EXPONENT = 0.9
+#: What a site's update counts for in FedAvg's weighted mean (see :class:`TrainingConfig`).
+AGGREGATION_WEIGHTS = ("steps", "cases")
 
 
 class ConfigError(ValueError):
@@ -82,6 +84,12 @@ class TrainingConfig:
     ``shared_moments`` (AdamW only) has the sites share AdamW's second moments through the
     global model (:mod:`fedseg.moments`), so that every site scales its steps alike; off,
     each site keeps its own.
+    ``aggregation_weight`` is what each site's update counts for in the weighted mean that
+    makes the global model: ``steps``, its training steps of the round (NVFlare's
+    ``NUM_STEPS_CURRENT_ROUND``; every site makes ``local_steps``, so the sites count
+    alike), or ``cases``, its training cases times its steps (FedAvg as McMahan et al., 2017
+    weigh it: the federation then follows the pooled data as centralized training samples it).
+    The case count is part of the report every site declares with its update.
     """
 
     optimizer: str = "adamw"
@@ -99,6 +107,7 @@ class TrainingConfig:
     device: str = "auto"
     seed: int = 0
     shared_moments: bool = False
+    aggregation_weight: str = "steps"
 
 
 @dataclass(frozen=True)
@@ -275,6 +284,10 @@ def _check_values(config: RunConfig, where: str) -> None:
         problems.append("training.learning_rate must be positive")
     if training.lr_schedule not in LR_SCHEDULES:
         problems.append(f"training.lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
+    if training.aggregation_weight not in AGGREGATION_WEIGHTS:
+        problems.append(
+            f"training.aggregation_weight must be one of {', '.join(AGGREGATION_WEIGHTS)}"
+        )
     for name in ("local_steps", "batch_size", "rounds", "min_sites"):
         if getattr(training, name) < 1:
             problems.append(f"training.{name} must be at least 1")

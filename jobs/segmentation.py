@@ -2,8 +2,8 @@
 
 Three ways for the updates to travel, chosen with ``encryption``:
 
-- ``packed`` (the default for a federation): each site encrypts its whole model, weighted by its
-  training steps, as one packed CKKS vector (:mod:`fedseg.packed_ckks`); the server adds
+- ``packed`` (the default for a federation): each site encrypts its whole model, times its
+  aggregation weight, as one packed CKKS vector (:mod:`fedseg.packed_ckks`); the server adds
   ciphertexts it cannot decrypt and persists only the encrypted global model; sites decrypt.
 - ``stock``: NVFlare's own HE filters (``FedAvgRecipeWithHE``), kept for comparison.
 - ``none``: plaintext FedAvg (weight differences; the server refuses non-finite and outlier
@@ -17,6 +17,10 @@ gathers these reports into ``fedseg_site_reports.json``.
 With ``training.shared_moments`` the global model also carries the sites' averaged AdamW
 gradient RMS (:mod:`fedseg.moments`), starting from zeros in the initial model; not with
 ``stock``, whose NVFlare persistor holds the network alone (its sites keep their own moments).
+
+Each update counts in the average with the weight its site declares: its training steps, or
+with ``training.aggregation_weight: cases`` its training cases times its steps (not with
+``stock``: NVFlare's HE filters weigh by steps).
 """
 
 from __future__ import annotations
@@ -129,11 +133,15 @@ def segmentation_recipe(
     shared_moments = config.training.shared_moments and encryption != "stock"
     if config.training.shared_moments and not shared_moments:
         logger.warning("encryption stock carries the network alone: sites keep their own moments")
+    weighting = "steps" if encryption == "stock" else config.training.aggregation_weight
+    if weighting != config.training.aggregation_weight:
+        logger.warning("encryption stock weighs every update by its steps (NVFlare's HE filters)")
     settings = {
         "encryption": encryption,
         "min_sites": min_sites,
         "name": name,
         "shared_moments": shared_moments,
+        "aggregation_weight": weighting,
     }
     for path in _job_files(config, harmonization_artifact, settings, staging):
         recipe._job.add_file_to(str(path), ALL_SITES)  # Recipe keeps its FedJob private

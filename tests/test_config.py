@@ -66,6 +66,8 @@ def test_a_yaml_file_overrides_defaults(tmp_path):
         ({"validation": {"overlap": 1.0}}, "validation.overlap must be in [0, 1)"),
         ({"training": {"lr_schedule": "cosine"}},
          "training.lr_schedule must be one of poly, constant"),
+        ({"training": {"aggregation_weight": "samples"}},
+         "training.aggregation_weight must be one of steps, cases"),
         ({"federation": {"task_request_interval": 0}},
          "federation.task_request_interval must be positive"),
         ({"training": {"optimizer": "sgd", "shared_moments": True}},

@@ -20,6 +20,7 @@ from app_server.aggregation import PlaintextAggregator, RoundTooSmall
 from app_server.site_reports import SITE_REPORTS_FILE
 from benchmarks.he_pipelines import LocalEngine
 from fedseg.config import config_from_dict, load_config
+from fedseg.messages import AGGREGATION_WEIGHT_META_KEY
 from fedseg.moments import moment_name
 from jobs.runner import export_job, run_job
 from models.networks import build_network
@@ -81,13 +82,14 @@ def server_context(root, round_number=0):
     return fl_ctx
 
 
-def submit(aggregator, fl_ctx, site, update, steps=8):
+def submit(aggregator, fl_ctx, site, update, steps=8, weight=None):
     peer = FLContext()
     peer.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
     fl_ctx.set_peer_context(peer)
-    shareable = DXO(
-        DataKind.WEIGHT_DIFF, update, {MetaKey.NUM_STEPS_CURRENT_ROUND: steps}
-    ).to_shareable()
+    meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: steps}
+    if weight is not None:
+        meta[AGGREGATION_WEIGHT_META_KEY] = weight
+    shareable = DXO(DataKind.WEIGHT_DIFF, update, meta).to_shareable()
     shareable.add_cookie(
         AppConstants.CONTRIBUTION_ROUND, fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
     )
@@ -116,6 +118,21 @@ def test_the_server_refuses_non_finite_and_outlier_updates_in_a_plaintext_job(tm
     assert submit(aggregator, fl_ctx, "site-1", honest[0])
     with pytest.raises(RoundTooSmall, match=r"1 usable update\(s\) \(site-1\), the job needs 2"):
         aggregator.aggregate(fl_ctx)
+
+
+def test_a_declared_aggregation_weight_replaces_the_step_count(tmp_path):
+    aggregator = PlaintextAggregator(min_sites=2, outlier_factor=10.0)
+    fl_ctx = server_context(tmp_path)
+    aggregator.reset(fl_ctx)
+    updates = {"site-1": {"w": np.full(4, 1.0)}, "site-2": {"w": np.full(4, 4.0)}}
+    assert submit(aggregator, fl_ctx, "site-1", updates["site-1"], weight=22 * 8)
+    assert submit(aggregator, fl_ctx, "site-2", updates["site-2"], weight=14 * 8)
+    mean = from_shareable(aggregator.aggregate(fl_ctx)).data["w"]
+    np.testing.assert_allclose(mean, (1.0 * 22 + 4.0 * 14) / 36)  # cases, not equal steps
+    aggregator.reset(fl_ctx)
+    assert not submit(aggregator, fl_ctx, "site-1", updates["site-1"], weight=0)
+    stored = json.loads(next(tmp_path.rglob(SITE_REPORTS_FILE)).read_text())
+    assert "no positive aggregation weight" in stored["refusals"][-1]["reason"]
 
 
 def test_an_outlier_refusal_in_a_job_sharing_moments_says_what_to_do(tmp_path):

@@ -24,12 +24,13 @@ FEDSEG = str(Path(sys.executable).with_name("fedseg"))
 
 @pytest.fixture(scope="module")
 def job_run(datasets, tmp_path_factory):
-    """synth -> ingest (fixtures) -> federated harmonization fit -> 2 FedAvg rounds, 3 sites."""
+    """synth -> ingest -> federated harmonization fit -> 2 FedAvg rounds (weighted by cases)."""
     workdir = tmp_path_factory.mktemp("job")
     sites = [str(datasets[name]) for name in ("site-1", "site-2", "site-3")]
     config = workdir / "run.yaml"
     tiny = load_config("tiny").to_dict()
     tiny["harmonization"]["min_images"] = 2
+    tiny["training"]["aggregation_weight"] = "cases"
     config.write_text(json.dumps(tiny))  # JSON is YAML
     result = subprocess.run(
         [FEDSEG, "job", "run", "--config", str(config), *[a for s in sites for a in ("--site", s)],
@@ -50,6 +51,7 @@ def test_every_site_reports_finite_metrics_for_every_round(job_run):
         for entry in report["rounds"]:
             assert all(math.isfinite(v) for k, v in entry["metrics"].items() if "dice" in k)
             assert entry["train_steps"] == 8 and math.isfinite(entry["train_loss"])
+            assert entry["aggregation_weight"] == 8 * report["data"]["training_cases"]
         assert report["device"] == "cpu"
         assert report["data"]["validation_cases"] >= 1
         assert report["summary"]["model"] == "final global model"

@@ -29,6 +29,7 @@ def site_document(site: str, dice: float) -> dict:
             "train_loss": 1.0 - 0.1 * r,
             "train_steps": 8,
             "train_seconds": 1.5,
+            "aggregation_weight": 32,
         }
         for r in range(2)
     ]  # fmt: skip

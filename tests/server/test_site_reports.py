@@ -21,7 +21,7 @@ def round_report(loss=1.0):
     return {
         **SITE,
         "validation": {"metrics": dict(METRICS), "cases": CASES},
-        "training": {"loss": loss, "steps": 8, "seconds": 1.5},
+        "training": {"loss": loss, "steps": 8, "seconds": 1.5, "weight": 24},
     }
 
 
@@ -44,6 +44,7 @@ def test_rounds_and_final_validation_make_one_document_per_site(tmp_path):
     site_2 = content["sites"]["site-2"]
     assert [r["round"] for r in site_2["rounds"]] == [0, 1]
     assert site_2["rounds"][1]["train_loss"] == 0.4
+    assert site_2["rounds"][1]["aggregation_weight"] == 24
     assert site_2["final"]["metrics"] == METRICS and content["sites"]["site-1"]["final"] is None
     reopened = SiteReports.open(tmp_path / SITE_REPORTS_FILE, "he-packed")
     assert reopened.to_dict() == content  # a restarted server goes on from the file
