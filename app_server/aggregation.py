@@ -8,7 +8,7 @@ nothing, instead of averaging too few sites silently.
 - :class:`PlaintextAggregator` keeps the round's weight differences, refuses non-finite ones
   and those whose norm exceeds ``outlier_factor`` times the median norm of the other sites'
   (decided once the round is complete, so arrival order does not matter), and averages the
-  rest weighted by what each site declares (training steps, or cases times steps).
+  rest weighted by what each site declares (training steps, or training cases).
 - :class:`PackedHEAggregator` adds packed CKKS updates as they arrive
   (:mod:`fedseg.packed_ckks`); the server's context has no secret key, so it cannot look
   inside them: sites check their own updates before encrypting.

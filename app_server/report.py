@@ -170,7 +170,7 @@ def render_site(document: dict) -> str:
         f"<tr><td>{e['round']}</td><td class=num>{e['train_steps']}</td>"
         f"<td class=num>{e['train_loss']:.4f}</td>"
         f"<td class=num>{e['train_seconds']:.1f}</td>"
-        f"<td class=num>{e.get('aggregation_weight', '-')}</td></tr>"  # '-': before the weight
+        f"<td class=num>{_number(e.get('aggregation_weight'), 1)}</td></tr>"
         for e in rounds
     )
     data = document["data"]
@@ -197,7 +197,7 @@ Device: <b>{html.escape(document["device"])}</b>. Harmonization artifact:
 </tr></table>
 <h2>Training</h2>
 <table><tr><th>round</th><th>steps</th><th>loss</th><th>seconds</th>
-<th>weight in the average</th></tr>
+<th>declared weight</th></tr>
 {training_rows}</table>"""
     return _page(f"fedseg report: {document['site']}", body)
 

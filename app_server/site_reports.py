@@ -93,7 +93,8 @@ class SiteReports:
             "train_loss": report["training"]["loss"],
             "train_steps": report["training"]["steps"],
             "train_seconds": report["training"]["seconds"],
-            "aggregation_weight": report["training"]["weight"],
+            # None from a site whose fedseg predates declared weights (it counts its steps)
+            "aggregation_weight": report["training"].get("weight"),
         }
         with self._lock:
             document = self._site(site, report)

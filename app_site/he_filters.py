@@ -42,7 +42,7 @@ from fedseg.packed_ckks import decrypt_model, encrypt_update
 DECLARED_META_KEYS = frozenset(
     {
         MetaKey.NUM_STEPS_CURRENT_ROUND,
-        AGGREGATION_WEIGHT_META_KEY,  # steps, or training cases times steps
+        AGGREGATION_WEIGHT_META_KEY,  # steps, or training cases
         MetaKey.INITIAL_METRICS,
         MetaKey.PROCESSED_ALGORITHM,
         MetaKey.PROCESSED_KEYS,

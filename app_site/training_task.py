@@ -3,15 +3,16 @@
 Each round the site validates the global model it received on its own validation split (every
 ``validation.every_rounds`` rounds; the final global model always), trains locally, and sends
 its model with the number of steps and the weight it asks the update to count with in the
-average (its steps, or its training cases times its steps: the manifest's
-``aggregation_weight``); the job decides how the model travels: as a difference to the
-global model, or encrypted by the job's HE filters. When the job shares AdamW's moments (its
+average (its steps, or its training cases: the manifest's ``aggregation_weight``); the job
+decides how the model travels: as a difference to the global model, or encrypted by the job's
+HE filters. When the job shares AdamW's moments (its
 manifest says so), the site starts training from the global model's gradient RMS and sends its
 own with its model (:mod:`fedseg.moments`). ``evaluate`` tasks (the final global model's
 validation, cross-site evaluation) and ``submit_model`` tasks are served too. Each result
-declares a small report (metrics per region and per hashed case id, training loss, steps and
-time, device and data counts; never images or weights) that the server gathers for the reports;
-the site keeps its own copy in ``fedseg_metrics_<site>.json`` in its working folder.
+declares a small report (metrics per region and per hashed case id, training loss, steps,
+weight and time, device and data counts; never images or weights) that the server gathers
+for the reports; the site keeps its own copy in ``fedseg_metrics_<site>.json``
+in its working folder.
 """
 
 from __future__ import annotations
@@ -60,24 +61,30 @@ def summarize(cases: list[CaseMetrics]) -> dict[str, float]:
     return summary
 
 
-def aggregation_weight(weighting: str, steps: int, training_cases: int) -> int:
+def aggregation_weight(weighting: str, steps: int, training_cases: int, local_steps: int) -> float:
     """The weight a site's update counts with in the federation's weighted mean.
+
+    With ``cases`` the weight is the site's training cases in a full round of
+    ``local_steps``, and proportionally less for fewer steps. It stays the size of a case
+    count, not of cases times steps: an encrypted update is the model times its weight, and
+    CKKS has room for values up to a few thousand (:func:`fedseg.packed_ckks.encrypt_update`).
 
     Args:
         weighting: ``steps`` or ``cases`` (``training.aggregation_weight``).
         steps: Optimizer steps the site made this round.
         training_cases: Cases in the site's training split.
+        local_steps: The steps of a full round (``training.local_steps``).
 
     Returns:
-        ``steps``, or ``training_cases * steps``.
+        ``steps``, or ``training_cases * steps / local_steps``.
 
     Raises:
         ValueError: If ``weighting`` is neither.
     """
     if weighting == "steps":
-        return steps
+        return float(steps)
     if weighting == "cases":
-        return training_cases * steps
+        return training_cases * steps / local_steps
     raise ValueError(f"aggregation weight must be steps or cases, got {weighting!r}")
 
 
@@ -209,7 +216,9 @@ def run(script_folder: Path) -> None:
                 engine.load_gradient_rms(shared, steps_done=task.current_round * steps)
             trained = engine.train(steps, first_step=task.current_round * steps)
             metrics = summarize(cases) if validates else None
-            weight = aggregation_weight(weighting, trained.steps, len(engine.train_files))
+            weight = aggregation_weight(
+                weighting, trained.steps, len(engine.train_files), config.training.local_steps
+            )
             report = record.round(task.current_round, metrics, cases, trained, weight)
             weights = engine.weights()
             meta = {
@@ -278,7 +287,7 @@ class _SiteRecord:
     def round(self, number, metrics, cases, trained, weight) -> dict:
         """Records a round; returns the report declared with the update.
 
-        ``weight`` is what the update counts for in the federation's average.
+        ``weight`` is what the update asks to count for in the federation's average.
 
         ``metrics`` and ``cases`` are ``None`` in a round without validation; the report's
         ``validation`` is then ``None``.

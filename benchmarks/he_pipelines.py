@@ -45,6 +45,7 @@ from nvflare.fuel.utils import fobs
 
 from app_server.aggregation import PackedHEAggregator
 from app_site.he_filters import PackedHEDecryptor, PackedHEEncryptor
+from fedseg.messages import AGGREGATION_WEIGHT_META_KEY
 
 
 @dataclass
@@ -87,13 +88,21 @@ def stock_round(
 
 
 def packed_round(
-    kits: Path, models: Sequence[Mapping[str, np.ndarray]], steps: Sequence[int]
+    kits: Path,
+    models: Sequence[Mapping[str, np.ndarray]],
+    steps: Sequence[int],
+    declared_weights: Sequence[float] | None = None,
 ) -> RoundMeasurement:
-    """A round with fedseg's packed filters and aggregator (the HE job's default)."""
+    """A round with fedseg's packed filters and aggregator (the HE job's default).
+
+    ``declared_weights``, when given, are the sites' declared aggregation weights
+    (``training.aggregation_weight``); without them each update counts for its steps.
+    """
     return _round(
         kits,
         models,
         steps,
+        declared_weights=declared_weights,
         encryptor=PackedHEEncryptor,
         aggregator=lambda: PackedHEAggregator(min_sites=len(models)),
         generator=FullModelShareableGenerator,
@@ -101,7 +110,9 @@ def packed_round(
     )
 
 
-def _round(kits, models, steps, encryptor, aggregator, generator, decryptor) -> RoundMeasurement:
+def _round(
+    kits, models, steps, encryptor, aggregator, generator, decryptor, declared_weights=None
+) -> RoundMeasurement:
     kits = Path(kits)
     sites = [f"site-{n}" for n in range(1, len(models) + 1)]
     uploads = []
@@ -109,10 +120,11 @@ def _round(kits, models, steps, encryptor, aggregator, generator, decryptor) -> 
         with _participant(kits, site) as fl_ctx:
             component = encryptor()
             component.handle_event(EventType.START_RUN, fl_ctx)
+            meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: n}
+            if declared_weights is not None:
+                meta[AGGREGATION_WEIGHT_META_KEY] = declared_weights[index]
             shareable = DXO(
-                DataKind.WEIGHTS,
-                {k: np.array(v) for k, v in weights.items()},
-                {MetaKey.NUM_STEPS_CURRENT_ROUND: n},
+                DataKind.WEIGHTS, {k: np.array(v) for k, v in weights.items()}, meta
             ).to_shareable()
             shareable.add_cookie(AppConstants.CONTRIBUTION_ROUND, 0)
             start = time.perf_counter()

@@ -45,7 +45,8 @@ models in both arms). FedAvg's sites validate the global model every
 Each model's training record and evaluation is kept as it is measured, one JSON file per model
 under ``--runs-folder`` (default ``benchmarks/results/quality_runs/``), in a folder per arm
 named by a digest of its setting (arguments, run configuration, data, harmonization artifact,
-library versions). A run skips the models already measured with its setting, so a
+library versions; FedAvg weighted otherwise than by steps, ``--aggregation-weight``, has its own
+files in the same folder). A run skips the models already measured with its setting, so a
 measurement longer than one sitting is spread over several runs: ``--stop-after MINUTES``
 starts no model after that time, prints what is left and goal 1's gaps so far, and the same
 command run again continues. The report is written once every model is measured.
@@ -57,7 +58,8 @@ Usage: python benchmarks/quality.py [--rounds R] [--local-steps S]
     [--aggregation-weight steps|cases] [--seeds N] [--cases N]
     [--validation-fraction F] [--size S] [--seed K] [--runs-folder DIR]
     [--stop-after MINUTES] [--name NAME] [--workspace DIR] [--keep] [--quick]
-Writes benchmarks/results/NAME.json and benchmarks/NAME.md (NAME defaults to ``quality``;
+Writes benchmarks/results/NAME.json and benchmarks/NAME.md (NAME defaults to ``quality``,
+``quality_cases`` with ``--aggregation-weight cases``;
 with --quick only the report, as ``quality-quick.md`` in the workspace, from models measured
 afresh).
 """
@@ -66,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import hashlib
 import json
@@ -343,7 +346,7 @@ class ModelRun:
 
     @property
     def file_name(self) -> str:
-        """The model's result file in its arm's :class:`MeasuredModels` folder."""
+        """The model's result file in its arm's folder (see :meth:`MeasuredModels.path`)."""
         return f"seed-{self.seed}-{self.name.replace(' ', '-')}.json"
 
 
@@ -386,11 +389,16 @@ class MeasuredModels:
     measured before the option existed) has its own file in the folder,
     ``seed-K-fedavg-weighted-by-cases.json``, beside the centralized and local-only models it
     is compared with.
+
+    Attributes:
+        folder: The arm's folder.
+        setting: The setting the folder is named by (without the weighting).
+        aggregation_weight: FedAvg's ``training.aggregation_weight``.
     """
 
     def __init__(self, root: Path, arm: str, setting: dict) -> None:
         """Opens (without creating) the folder of ``arm`` measured with ``setting``."""
-        setting = json.loads(json.dumps(setting))  # a copy to take the weighting out of
+        setting = copy.deepcopy(setting)
         self.aggregation_weight = setting["config"]["training"].pop("aggregation_weight")
         text = json.dumps(setting, sort_keys=True)
         self.folder = root / f"{arm}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
@@ -779,14 +787,17 @@ def main() -> None:
     )
     parser.add_argument(
         "--name",
-        default="quality",
-        help="the report goes to benchmarks/NAME.md and benchmarks/results/NAME.json",
+        help="the report goes to benchmarks/NAME.md and benchmarks/results/NAME.json "
+        "(default quality, or quality_cases with --aggregation-weight cases)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the workspace (logs, models)")
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 2 rounds of 10 steps, 2 seeds"
     )
     args = parser.parse_args()
+    default_name = "quality" if args.aggregation_weight == "steps" else "quality_cases"
+    args.name = args.name or default_name
+    parser.set_defaults(name=default_name)  # the report's command leaves it out
     if args.quick:
         args.rounds, args.local_steps, args.cases, args.size, args.seeds = 2, 10, 6, 48, 2
 

@@ -8,7 +8,8 @@ initial weights, network, AdamW and learning-rate schedule):
 
 - ``fedavg``: plain FedAvg. Each site keeps its optimizer (AdamW moments) from round to
   round, trains S steps from the global model, and the global model moves by the mean of the
-  sites' weight differences (the aggregator's step-weighted mean; every site makes S steps).
+  sites' weight differences (the job's mean with ``aggregation_weight: steps``; every site
+  makes S steps).
 - ``fresh``: the same, with every site's optimizer state cleared at the start of each round.
 - ``scaffold``: control variates against client drift (Karimireddy et al., 2020): every
   gradient a site computes is corrected by the federation's mean gradient of the previous round

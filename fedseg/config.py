@@ -87,9 +87,10 @@ class TrainingConfig:
     ``aggregation_weight`` is what each site's update counts for in the weighted mean that
     makes the global model: ``steps``, its training steps of the round (NVFlare's
     ``NUM_STEPS_CURRENT_ROUND``; every site makes ``local_steps``, so the sites count
-    alike), or ``cases``, its training cases times its steps (FedAvg as McMahan et al., 2017
-    weigh it: the federation then follows the pooled data as centralized training samples it).
-    The case count is part of the report every site declares with its update.
+    alike), or ``cases``, its training cases (times the share of ``local_steps`` it made;
+    FedAvg as McMahan et al., 2017 weigh it: the federation then follows the pooled data as
+    centralized training samples it). The case count is part of the report every site
+    declares with its update.
     """
 
     optimizer: str = "adamw"

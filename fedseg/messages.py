@@ -1,4 +1,6 @@
-"""Keys of what sites and server exchange besides model weights (shared by both sides)."""
+"""What sites and server exchange besides model weights: meta keys, and the update's weight."""
+
+import math
 
 from nvflare.apis.dxo import DXO, MetaKey
 
@@ -27,9 +29,11 @@ def update_weight(dxo: DXO) -> float | None:
     Returns:
         The weight the site declared (:data:`AGGREGATION_WEIGHT_META_KEY`), or else NVFlare's
         ``NUM_STEPS_CURRENT_ROUND`` (what stock NVFlare clients send); ``None`` when the update
-        carries neither or a weight that is not positive.
+        carries neither, or a weight that is not a finite positive number.
     """
     weight = dxo.get_meta_prop(AGGREGATION_WEIGHT_META_KEY)
     if weight is None:
         weight = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
-    return float(weight) if weight and weight > 0 else None
+    if weight is None or not math.isfinite(weight) or weight <= 0:
+        return None
+    return float(weight)

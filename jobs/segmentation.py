@@ -19,7 +19,7 @@ gradient RMS (:mod:`fedseg.moments`), starting from zeros in the initial model; 
 ``stock``, whose NVFlare persistor holds the network alone (its sites keep their own moments).
 
 Each update counts in the average with the weight its site declares: its training steps, or
-with ``training.aggregation_weight: cases`` its training cases times its steps (not with
+with ``training.aggregation_weight: cases`` its training cases (not with
 ``stock``: NVFlare's HE filters weigh by steps).
 """
 

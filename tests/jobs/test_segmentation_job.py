@@ -51,7 +51,7 @@ def test_every_site_reports_finite_metrics_for_every_round(job_run):
         for entry in report["rounds"]:
             assert all(math.isfinite(v) for k, v in entry["metrics"].items() if "dice" in k)
             assert entry["train_steps"] == 8 and math.isfinite(entry["train_loss"])
-            assert entry["aggregation_weight"] == 8 * report["data"]["training_cases"]
+            assert entry["aggregation_weight"] == report["data"]["training_cases"]  # cases
         assert report["device"] == "cpu"
         assert report["data"]["validation_cases"] >= 1
         assert report["summary"]["model"] == "final global model"
@@ -160,9 +160,8 @@ def test_a_site_refuses_an_altered_artifact(datasets, tmp_path, job_run):
 )
 def test_exported_job_folder(tmp_path, job_run, encryption, components):
     workdir, _ = job_run
-    job = export_job(
-        load_config("tiny"), tmp_path / "export", workdir / "harmonization.json", encryption
-    )
+    config = load_config(workdir / "run.yaml")  # training.aggregation_weight: cases
+    job = export_job(config, tmp_path / "export", workdir / "harmonization.json", encryption)
     meta = json.loads((job / "meta.json").read_text())
     assert meta["min_clients"] == 2
     configs = json.dumps([json.loads(p.read_text()) for p in job.rglob("config_fed_*.json")])
@@ -175,6 +174,9 @@ def test_exported_job_folder(tmp_path, job_run, encryption, components):
     shipped = {p.name for p in job.rglob("fedseg_*")}
     assert {"fedseg_run.yaml", "fedseg_harmonization.json", "fedseg_job.json",
             "fedseg_initial_model.pt"} <= shipped  # fmt: skip
+    manifest = json.loads(next(job.rglob("fedseg_job.json")).read_text())
+    # NVFlare's stock HE filters weigh by steps: the sites are told so, not left to disagree.
+    assert manifest["aggregation_weight"] == ("steps" if encryption == "stock" else "cases")
 
 
 def test_empty_cross_site_results_fail_loudly(tmp_path):
