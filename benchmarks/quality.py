@@ -95,7 +95,7 @@ from app_site.ingest.pipeline import IngestOptions, ingest
 from app_site.training_task import summarize
 from fedseg.artifacts import write_artifact
 from fedseg.config import AGGREGATION_WEIGHTS, RunConfig, config_from_dict, load_config
-from fedseg.files import write_json_atomic
+from fedseg.files import write_json_atomic, write_text_atomic
 from fedseg.harmonization import (
     HarmonizationConfig,
     artifact_transform,
@@ -182,7 +182,7 @@ def write_dataset(folder: Path, training: list[dict], validation: list[dict]) ->
     """A dataset folder holding only a ``datalist.json`` (absolute paths) for the engine."""
     folder.mkdir(parents=True)
     document = {"training": training, "validation": validation}
-    (folder / "datalist.json").write_text(json.dumps(document, indent=2) + "\n")
+    write_json_atomic(folder / "datalist.json", document)
     return folder
 
 
@@ -856,11 +856,11 @@ def main() -> None:
         "machine": machine(),
     }
     if args.quick:  # the report is rendered all the same, into the workspace
-        (args.workspace / "quality-quick.md").write_text(_markdown(summary))
+        write_text_atomic(args.workspace / "quality-quick.md", _markdown(summary))
     else:
         (HERE / "results").mkdir(exist_ok=True)
         write_json_atomic(HERE / "results" / f"{args.name}.json", summary)
-        (HERE / f"{args.name}.md").write_text(_markdown(summary))
+        write_text_atomic(HERE / f"{args.name}.md", _markdown(summary))
     print(json.dumps({k: v for k, v in summary.items() if k != "arms"}))
 
 

@@ -75,6 +75,7 @@ from quality import (
 
 from app_site.engine import SegmentationEngine
 from fedseg.config import RunConfig
+from fedseg.files import write_json_atomic, write_text_atomic
 
 ALGORITHMS = ("fedavg", "fresh", "scaffold", "shared_moments")
 DEFAULT_RUNS = "shared_moments:300x20,shared_moments:300x20:2,shared_moments:300x20:3"
@@ -283,8 +284,8 @@ def main() -> None:
     if not args.quick:
         (HERE / "results").mkdir(exist_ok=True)
         results_path = HERE / "results" / f"{args.name}.json"
-        results_path.write_text(json.dumps(summary, indent=2) + "\n")
-        (HERE / f"{args.name}.md").write_text(_markdown(summary))
+        write_json_atomic(results_path, summary)
+        write_text_atomic(HERE / f"{args.name}.md", _markdown(summary))
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
 
 
