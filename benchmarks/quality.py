@@ -947,7 +947,7 @@ def _markdown(summary: dict) -> str:
     )
     weighting = {  # before the option existed, every update counted for its steps
         "steps": "each site's update counting for its steps (equal at every site)",
-        "cases": "each site's update counting for its training cases times its steps "
+        "cases": "each site's update counting for its training cases "
         "(`training.aggregation_weight: cases`)",
     }[training.get("aggregation_weight", "steps")]
     return f"""# Segmentation quality: local-only, centralized and FedAvg, raw and harmonized
