@@ -47,10 +47,11 @@ under ``--runs-folder`` (default ``benchmarks/results/quality_runs/``), in a fol
 named by a digest of its setting (arguments, run configuration, data, harmonization artifact,
 library versions). FedAvg's weighting, ``--aggregation-weight``, only names its files in that
 folder: ``seed-K-fedavg-weighted-by-cases.json`` (the default) beside ``seed-K-fedavg.json``
-(by steps, the weighting of the models measured before the option existed). A run skips the models already measured with its setting, so a
-measurement longer than one sitting is spread over several runs: ``--stop-after MINUTES``
-starts no model after that time, prints what is left and goal 1's gaps so far, and the same
-command run again continues. The report is written once every model is measured.
+(by steps, the weighting of the models measured before the option existed). A run skips the
+models already measured with its setting, so a measurement longer than one sitting is spread
+over several runs: ``--stop-after MINUTES`` starts no model after that time, prints what is
+left and goal 1's gaps so far, and the same command run again continues. The report is written
+once every model is measured.
 
 NVFlare's simulator needs a writable HOME. Workspaces go under ``--workspace`` (default
 ``/tmp/quality-bench``) and are removed at the end unless ``--keep``.

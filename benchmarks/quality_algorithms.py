@@ -27,12 +27,13 @@ for the sites' steps being averaged rather than added when their directions agre
 The sites run as :class:`app_site.engine.SegmentationEngine` objects in this process and are
 averaged here, not through NVFlare: this benchmark compares optimization algorithms, and its
 ``shared_moments`` rows at the job's schedule are checked against the NVFlare job's gaps in
-``benchmarks/quality.md`` (same algorithm; the sites' random streams differ, so the numbers
-agree only to within run-to-run noise). Every model is trained once per training seed
-(``--seeds``) and each gap is the mean over seeds, as in ``benchmarks/quality.py``; one
-seed's models differ from another's by as much as the goal. Centralized training is also run
-with a third of the budget (as many sequential steps as each FedAvg site makes; first seed
-only), to tell fewer sequential steps apart from the sites' differences.
+``benchmarks/quality_steps.md`` (the same algorithm, every site's update weighted alike; the
+sites' random streams differ, so the numbers agree only to within run-to-run noise). Every
+model is trained once per training seed (``--seeds``) and each gap is the mean over seeds, as
+in ``benchmarks/quality.py``; one seed's models differ from another's by as much as the goal.
+Centralized training is also run with a third of the budget (as many sequential steps as each
+FedAvg site makes; first seed only), to tell fewer sequential steps apart from the sites'
+differences.
 
 Usage: python benchmarks/quality_algorithms.py [--runs fedavg:40x50,scaffold:200x10:2,...]
     [--seeds N] [--cases N] [--validation-fraction F] [--size S] [--seed K] [--workspace DIR]
@@ -300,8 +301,8 @@ def _label(run: dict) -> str:
 
 
 def _nvflare_fedavg() -> dict[str, float]:
-    """The NVFlare job's harmonized gaps in ``quality.json`` (largest, mean; seeds), if any."""
-    path = HERE / "results" / "quality.json"
+    """The step-weighted NVFlare job's harmonized gaps (largest, mean; seeds), if measured."""
+    path = HERE / "results" / "quality_steps.json"
     if not path.is_file():
         return {}
     quality = json.loads(path.read_text())
@@ -374,7 +375,7 @@ most {GOAL_GAP}. Minutes: one seed's training.
 | --- | --- | ---: | ---: | ---: | --- | ---: |
 {largest}
 
-The NVFlare job (`benchmarks/quality.md`): {nvflare}.
+The NVFlare job weighted by steps (`benchmarks/quality_steps.md`): {nvflare}.
 
 | model | R x S | site | WT gap | TC gap | ET gap |
 | --- | --- | --- | ---: | ---: | ---: |
