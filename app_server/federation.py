@@ -39,7 +39,7 @@ from nvflare.lighter.provisioner import Provisioner
 from nvflare.lighter.utils import update_storage_locations
 
 from app_site.site_config import SITE_CONFIG_FILE, shared_host_threads
-from fedseg.files import write_json_atomic
+from fedseg.files import write_json_atomic, write_text_atomic
 
 #: The project definition this module provisions from.
 PROJECT_TEMPLATE = Path(__file__).resolve().parents[1] / "poc_workspace" / "project.yml"
@@ -155,7 +155,9 @@ def prepare(
         raise FederationError(f"{federation.workspace} is running: fedseg poc stop first")
     project = _project(yaml.safe_load(Path(template).read_text()), sites, encryption)
     federation.workspace.mkdir(parents=True, exist_ok=True)
-    (federation.workspace / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))
+    write_text_atomic(
+        federation.workspace / "project.yml", yaml.safe_dump(project, sort_keys=False)
+    )
     for old in (federation.workspace / project["name"]).glob("prod_*"):
         shutil.rmtree(old)
     provisioner = Provisioner(
@@ -183,7 +185,7 @@ def set_dataset(federation: Federation, site: str, dataset: Path) -> Path:
         raise FederationError(f"{site} is not a site of this federation ({federation.sites})")
     path = federation.kit(site) / "local" / SITE_CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"dataset": str(Path(dataset).resolve())}, indent=2) + "\n")
+    write_json_atomic(path, {"dataset": str(Path(dataset).resolve())})
     return path
 
 

@@ -12,7 +12,6 @@ inline SVG, so a page is one self-contained file.
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from app_server.site_reports import validated_rounds
+from fedseg.files import write_json_atomic, write_text_atomic
 
 REGIONS = ("TC", "WT", "ET")
 REGION_NAMES = {"TC": "tumour core", "WT": "whole tumour", "ET": "enhancing tumour"}
@@ -128,17 +128,17 @@ def write_reports(report_dir: Path, collected: dict, cross_site: dict | None = N
         document = site_summary({**document, "mode": mode})
         sites[name] = document
         path = report_dir / f"{name}.json"
-        path.write_text(json.dumps(document, indent=2) + "\n")
+        write_json_atomic(path, document)
         page = report_dir / f"{name}.html"
-        page.write_text(render_site(document))
+        write_text_atomic(page, render_site(document))
         written += [path, page]
     federation = federation_summary(sites, collected.get("round_contributors"))
     federation["mode"] = mode
     federation["refusals"] = collected.get("refusals", [])
     federation["resumptions"] = collected.get("resumptions", [])
     federation["cross_site"] = cross_site or {}
-    (report_dir / "federation.json").write_text(json.dumps(federation, indent=2) + "\n")
-    (report_dir / "federation.html").write_text(render_federation(federation))
+    write_json_atomic(report_dir / "federation.json", federation)
+    write_text_atomic(report_dir / "federation.html", render_federation(federation))
     return [*written, report_dir / "federation.json", report_dir / "federation.html"]
 
 

@@ -36,7 +36,7 @@ from fedseg.messages import (
     REPORT_META_KEY,
     update_weight,
 )
-from fedseg.packed_ckks import decrypt_model, encrypt_update
+from fedseg.packed_ckks import WeightedOverflowError, decrypt_model, encrypt_update
 
 #: Metadata a site declares with its results; anything else is refused in an encrypted job.
 DECLARED_META_KEYS = frozenset(
@@ -103,8 +103,9 @@ class PackedHEEncryptor(_SiteKeysFilter):
         """Replaces the weights by their packed encryption.
 
         Raises:
-            ValueError: If the weights are already encrypted or lack a weight, or hold
-                non-finite values (refused before anything is encrypted or sent).
+            ValueError: If the weights are already encrypted or lack a weight, hold non-finite
+                values, or times their weight could overflow the aggregate (refused before
+                anything is encrypted or sent).
         """
         if PACKED_KEY in dxo.data:
             raise ValueError("the update is already encrypted")
@@ -116,7 +117,13 @@ class PackedHEEncryptor(_SiteKeysFilter):
             )
         start = time.perf_counter()
         weights = {name: np.asarray(value) for name, value in dxo.data.items()}
-        blob = encrypt_update(self._keys.get(fl_ctx), weights, weight)
+        try:
+            blob = encrypt_update(self._keys.get(fl_ctx), weights, weight)
+        except WeightedOverflowError as error:  # a large site weighted by its training cases
+            raise WeightedOverflowError(
+                f"{error}, or weigh the updates by their steps (training.aggregation_weight: "
+                f"steps): this site's update counts for {weight:g}"
+            ) from error
         self.log_info(
             fl_ctx,
             f"encrypted {sum(w.size for w in weights.values())} values in "

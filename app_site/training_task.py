@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +32,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from app_site.engine import CaseMetrics, SegmentationEngine
 from app_site.site_config import site_dataset
 from fedseg.config import ConfigError, RunConfig, load_config
+from fedseg.files import write_json_atomic
 from fedseg.harmonization import artifact_transform, read_harmonization_artifact
 from fedseg.messages import (
     AGGREGATION_WEIGHT_META_KEY,
@@ -337,6 +337,4 @@ class _SiteRecord:
         self._write()
 
     def _write(self) -> None:
-        temporary = self.path.with_name(f".tmp-{self.path.name}")
-        temporary.write_text(json.dumps(self.document, indent=2, allow_nan=True) + "\n")
-        os.replace(temporary, self.path)
+        write_json_atomic(self.path, self.document, allow_nan=True)

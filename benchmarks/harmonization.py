@@ -39,6 +39,7 @@ from app_site.harmonization import dataset_images, load_channel_first, site_stat
 from app_site.ingest.manifest import read_manifest
 from app_site.ingest.pipeline import IngestOptions, ingest
 from app_site.ingest.volume import canonical
+from fedseg.files import write_json_atomic, write_text_atomic
 from fedseg.harmonization import (
     HarmonizationConfig,
     SiteStatistics,
@@ -409,8 +410,8 @@ def main() -> None:
     }
     if not args.quick:
         (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "harmonization.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (HERE / "harmonization.md").write_text(_markdown(summary))
+        write_json_atomic(HERE / "results" / "harmonization.json", summary)
+        write_text_atomic(HERE / "harmonization.md", _markdown(summary))
     print(json.dumps(summary))
 
 

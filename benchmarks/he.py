@@ -39,6 +39,7 @@ from app_site.he_filters import AUDIT_FILE  # noqa: E402
 from app_site.ingest.pipeline import IngestOptions, ingest  # noqa: E402
 from benchmarks.markdown import write_section  # noqa: E402
 from fedseg.config import config_from_dict, load_config  # noqa: E402
+from fedseg.files import write_json_atomic  # noqa: E402
 from fedseg.synth.hospitals import SynthConfig, synthesize_hospitals  # noqa: E402
 from jobs.runner import run_in_federation  # noqa: E402
 from models.networks import build_network  # noqa: E402
@@ -225,7 +226,7 @@ def main() -> None:
         },
     }
     if not args.quick:
-        (HERE / "results" / "he.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(HERE / "results" / "he.json", report)
         write_section(HERE / "he.md", "he_federation", markdown(report), "Homomorphic encryption")
     print(json.dumps(report))
 

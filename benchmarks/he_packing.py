@@ -41,6 +41,7 @@ from app_server.federation import prepare  # noqa: E402
 from benchmarks.he_pipelines import packed_round, stock_round  # noqa: E402
 from benchmarks.markdown import write_section  # noqa: E402
 from fedseg.config import load_config  # noqa: E402
+from fedseg.files import write_json_atomic  # noqa: E402
 from models.networks import build_network  # noqa: E402
 
 PROFILES = {"segresnet": "gpu", "unet": "tiny"}
@@ -192,7 +193,7 @@ def main() -> None:
             flush=True,
         )
     if not args.quick:
-        (HERE / "results" / "he_packing.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(HERE / "results" / "he_packing.json", report)
         write_section(HERE / "he.md", "he_packing", markdown(report), "Homomorphic encryption")
     summary = {k: v for k, v in report["models"][-1].items() if k not in ("stock", "packed")}
     print(json.dumps({**summary, "models": report["models"]}))

@@ -31,6 +31,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from app_site.ingest.pipeline import IngestOptions, ingest
+from fedseg.files import write_json_atomic, write_text_atomic
 from fedseg.synth.hospitals import SynthConfig, synthesize_hospitals
 
 HERE = Path(__file__).resolve().parent
@@ -135,8 +136,8 @@ def main() -> None:
     }
     if not args.quick:
         (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
-        (HERE / "ingest.md").write_text(_markdown(result))
+        write_json_atomic(HERE / "results" / "ingest.json", result)
+        write_text_atomic(HERE / "ingest.md", _markdown(result))
     print(json.dumps(result))
 
 

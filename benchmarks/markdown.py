@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedseg.files import write_text_atomic
+
 
 def write_section(path: Path, name: str, text: str, title: str) -> None:
     """Replaces (or appends) the section ``name`` of ``path``, creating it with ``title``."""
@@ -15,4 +17,4 @@ def write_section(path: Path, name: str, text: str, title: str) -> None:
         content = head + block + rest.split(end, 1)[1]
     else:
         content = content.rstrip() + "\n\n" + block + "\n"
-    path.write_text(content)
+    write_text_atomic(path, content)

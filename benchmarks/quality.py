@@ -45,11 +45,13 @@ models in both arms). FedAvg's sites validate the global model every
 Each model's training record and evaluation is kept as it is measured, one JSON file per model
 under ``--runs-folder`` (default ``benchmarks/results/quality_runs/``), in a folder per arm
 named by a digest of its setting (arguments, run configuration, data, harmonization artifact,
-library versions; FedAvg weighted otherwise than by steps, ``--aggregation-weight``, has its own
-files in the same folder). A run skips the models already measured with its setting, so a
-measurement longer than one sitting is spread over several runs: ``--stop-after MINUTES``
-starts no model after that time, prints what is left and goal 1's gaps so far, and the same
-command run again continues. The report is written once every model is measured.
+library versions). FedAvg's weighting, ``--aggregation-weight``, only names its files in that
+folder: ``seed-K-fedavg-weighted-by-cases.json`` (the default) beside ``seed-K-fedavg.json``
+(by steps, the weighting of the models measured before the option existed). A run skips the
+models already measured with its setting, so a measurement longer than one sitting is spread
+over several runs: ``--stop-after MINUTES`` starts no model after that time, prints what is
+left and goal 1's gaps so far, and the same command run again continues. The report is written
+once every model is measured.
 
 NVFlare's simulator needs a writable HOME. Workspaces go under ``--workspace`` (default
 ``/tmp/quality-bench``) and are removed at the end unless ``--keep``.
@@ -59,7 +61,7 @@ Usage: python benchmarks/quality.py [--rounds R] [--local-steps S]
     [--validation-fraction F] [--size S] [--seed K] [--runs-folder DIR]
     [--stop-after MINUTES] [--name NAME] [--workspace DIR] [--keep] [--quick]
 Writes benchmarks/results/NAME.json and benchmarks/NAME.md (NAME defaults to ``quality``,
-``quality_cases`` with ``--aggregation-weight cases``;
+``quality_steps`` with ``--aggregation-weight steps``;
 with --quick only the report, as ``quality-quick.md`` in the workspace, from models measured
 afresh).
 """
@@ -95,7 +97,7 @@ from app_site.ingest.pipeline import IngestOptions, ingest
 from app_site.training_task import summarize
 from fedseg.artifacts import write_artifact
 from fedseg.config import AGGREGATION_WEIGHTS, RunConfig, config_from_dict, load_config
-from fedseg.files import write_json_atomic
+from fedseg.files import write_json_atomic, write_text_atomic
 from fedseg.harmonization import (
     HarmonizationConfig,
     artifact_transform,
@@ -182,7 +184,7 @@ def write_dataset(folder: Path, training: list[dict], validation: list[dict]) ->
     """A dataset folder holding only a ``datalist.json`` (absolute paths) for the engine."""
     folder.mkdir(parents=True)
     document = {"training": training, "validation": validation}
-    (folder / "datalist.json").write_text(json.dumps(document, indent=2) + "\n")
+    write_json_atomic(folder / "datalist.json", document)
     return folder
 
 
@@ -762,9 +764,9 @@ def main() -> None:
     parser.add_argument(
         "--aggregation-weight",
         choices=AGGREGATION_WEIGHTS,
-        default="steps",
+        default="cases",
         help="what each site's update counts for in FedAvg (training.aggregation_weight; "
-        "default steps)",
+        "default cases, as in the profiles)",
     )
     parser.add_argument(
         "--seeds",
@@ -788,14 +790,14 @@ def main() -> None:
     parser.add_argument(
         "--name",
         help="the report goes to benchmarks/NAME.md and benchmarks/results/NAME.json "
-        "(default quality, or quality_cases with --aggregation-weight cases)",
+        "(default quality, or quality_steps with --aggregation-weight steps)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the workspace (logs, models)")
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 2 rounds of 10 steps, 2 seeds"
     )
     args = parser.parse_args()
-    default_name = "quality" if args.aggregation_weight == "steps" else "quality_cases"
+    default_name = "quality" if args.aggregation_weight == "cases" else "quality_steps"
     args.name = args.name or default_name
     parser.set_defaults(name=default_name)  # the report's command leaves it out
     if args.quick:
@@ -856,11 +858,11 @@ def main() -> None:
         "machine": machine(),
     }
     if args.quick:  # the report is rendered all the same, into the workspace
-        (args.workspace / "quality-quick.md").write_text(_markdown(summary))
+        write_text_atomic(args.workspace / "quality-quick.md", _markdown(summary))
     else:
         (HERE / "results").mkdir(exist_ok=True)
         write_json_atomic(HERE / "results" / f"{args.name}.json", summary)
-        (HERE / f"{args.name}.md").write_text(_markdown(summary))
+        write_text_atomic(HERE / f"{args.name}.md", _markdown(summary))
     print(json.dumps({k: v for k, v in summary.items() if k != "arms"}))
 
 
@@ -947,7 +949,7 @@ def _markdown(summary: dict) -> str:
     )
     weighting = {  # before the option existed, every update counted for its steps
         "steps": "each site's update counting for its steps (equal at every site)",
-        "cases": "each site's update counting for its training cases times its steps "
+        "cases": "each site's update counting for its training cases "
         "(`training.aggregation_weight: cases`)",
     }[training.get("aggregation_weight", "steps")]
     return f"""# Segmentation quality: local-only, centralized and FedAvg, raw and harmonized

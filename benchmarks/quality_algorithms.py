@@ -27,12 +27,13 @@ for the sites' steps being averaged rather than added when their directions agre
 The sites run as :class:`app_site.engine.SegmentationEngine` objects in this process and are
 averaged here, not through NVFlare: this benchmark compares optimization algorithms, and its
 ``shared_moments`` rows at the job's schedule are checked against the NVFlare job's gaps in
-``benchmarks/quality.md`` (same algorithm; the sites' random streams differ, so the numbers
-agree only to within run-to-run noise). Every model is trained once per training seed
-(``--seeds``) and each gap is the mean over seeds, as in ``benchmarks/quality.py``; one
-seed's models differ from another's by as much as the goal. Centralized training is also run
-with a third of the budget (as many sequential steps as each FedAvg site makes; first seed
-only), to tell fewer sequential steps apart from the sites' differences.
+``benchmarks/quality_steps.md`` (the same algorithm, every site's update weighted alike; the
+sites' random streams differ, so the numbers agree only to within run-to-run noise). Every
+model is trained once per training seed (``--seeds``) and each gap is the mean over seeds, as
+in ``benchmarks/quality.py``; one seed's models differ from another's by as much as the goal.
+Centralized training is also run with a third of the budget (as many sequential steps as each
+FedAvg site makes; first seed only), to tell fewer sequential steps apart from the sites'
+differences.
 
 Usage: python benchmarks/quality_algorithms.py [--runs fedavg:40x50,scaffold:200x10:2,...]
     [--seeds N] [--cases N] [--validation-fraction F] [--size S] [--seed K] [--workspace DIR]
@@ -75,6 +76,7 @@ from quality import (
 
 from app_site.engine import SegmentationEngine
 from fedseg.config import RunConfig
+from fedseg.files import write_json_atomic, write_text_atomic
 
 ALGORITHMS = ("fedavg", "fresh", "scaffold", "shared_moments")
 DEFAULT_RUNS = "shared_moments:300x20,shared_moments:300x20:2,shared_moments:300x20:3"
@@ -283,8 +285,8 @@ def main() -> None:
     if not args.quick:
         (HERE / "results").mkdir(exist_ok=True)
         results_path = HERE / "results" / f"{args.name}.json"
-        results_path.write_text(json.dumps(summary, indent=2) + "\n")
-        (HERE / f"{args.name}.md").write_text(_markdown(summary))
+        write_json_atomic(results_path, summary)
+        write_text_atomic(HERE / f"{args.name}.md", _markdown(summary))
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
 
 
@@ -299,8 +301,8 @@ def _label(run: dict) -> str:
 
 
 def _nvflare_fedavg() -> dict[str, float]:
-    """The NVFlare job's harmonized gaps in ``quality.json`` (largest, mean; seeds), if any."""
-    path = HERE / "results" / "quality.json"
+    """The step-weighted NVFlare job's harmonized gaps (largest, mean; seeds), if measured."""
+    path = HERE / "results" / "quality_steps.json"
     if not path.is_file():
         return {}
     quality = json.loads(path.read_text())
@@ -373,7 +375,7 @@ most {GOAL_GAP}. Minutes: one seed's training.
 | --- | --- | ---: | ---: | ---: | --- | ---: |
 {largest}
 
-The NVFlare job (`benchmarks/quality.md`): {nvflare}.
+The NVFlare job weighted by steps (`benchmarks/quality_steps.md`): {nvflare}.
 
 | model | R x S | site | WT gap | TC gap | ET gap |
 | --- | --- | --- | ---: | ---: | ---: |

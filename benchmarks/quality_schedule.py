@@ -37,6 +37,8 @@ from quality import (
     train_fedavg,
 )
 
+from fedseg.files import write_json_atomic, write_text_atomic
+
 
 def parse_schedules(text: str) -> list[tuple[int, int]]:
     """``"40x50,80x25"`` -> ``[(40, 50), (80, 25)]``; every schedule must have the same R x S."""
@@ -96,8 +98,8 @@ def main() -> None:
     if not args.quick:
         (HERE / "results").mkdir(exist_ok=True)
         results = HERE / "results" / "quality_schedule.json"
-        results.write_text(json.dumps(summary, indent=2) + "\n")
-        (HERE / "quality_schedule.md").write_text(_markdown(summary))
+        write_json_atomic(results, summary)
+        write_text_atomic(HERE / "quality_schedule.md", _markdown(summary))
     print(json.dumps({k: v for k, v in summary.items() if k != "schedules"}))
 
 

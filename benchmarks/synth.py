@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from fedseg.files import write_json_atomic, write_text_atomic
 from fedseg.synth.hospitals import SiteSummary, SynthConfig, synthesize_hospitals
 from fedseg.synth.scanner import site_profile
 
@@ -99,8 +100,8 @@ def main() -> None:
     }
     if not args.quick:
         (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "synth.json").write_text(json.dumps(result, indent=2) + "\n")
-        (HERE / "synth.md").write_text(_markdown(result))
+        write_json_atomic(HERE / "results" / "synth.json", result)
+        write_text_atomic(HERE / "synth.md", _markdown(result))
     print(json.dumps(result))
 
 

@@ -38,6 +38,7 @@ from quality import (
 )
 
 from fedseg.config import FederationConfig, load_config
+from fedseg.files import write_json_atomic, write_text_atomic
 from jobs.runner import run_job
 
 BASELINE_INTERVAL = FederationConfig().task_request_interval
@@ -125,8 +126,8 @@ def main() -> None:
     if not args.quick:
         (HERE / "results").mkdir(exist_ok=True)
         results_file = HERE / "results" / "task_interval.json"
-        results_file.write_text(json.dumps(summary, indent=2) + "\n")
-        (HERE / "task_interval.md").write_text(_markdown(summary))
+        write_json_atomic(results_file, summary)
+        write_text_atomic(HERE / "task_interval.md", _markdown(summary))
     print(json.dumps(summary, indent=2))
 
 

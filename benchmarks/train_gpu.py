@@ -64,6 +64,7 @@ sys.path.insert(0, str(HERE.parent))
 from app_site.engine import SegmentationEngine  # noqa: E402
 from benchmarks.markdown import write_section  # noqa: E402
 from fedseg.config import RunConfig, load_config  # noqa: E402
+from fedseg.files import write_json_atomic  # noqa: E402
 from models.networks import build_network  # noqa: E402
 from transforms.regions import LabelsToRegionsd  # noqa: E402
 
@@ -756,7 +757,7 @@ def main() -> None:
     report["load_average"] = {"start": load, "end": os.getloadavg()[0]}
     report.update(summarize(report))
     name = "train_gpu" + (f"-{args.tag}" if args.tag else "")
-    (HERE / "results" / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(HERE / "results" / f"{name}.json", report)
     write_section(HERE / "gpu.md", name, markdown(report), "GPU training and inference")
     if report["note"]:
         print(f"NOTE: {report['note']}.", flush=True)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from fedseg.files import write_json_atomic
 
 
 class ArtifactError(Exception):
@@ -45,9 +46,7 @@ def write_artifact(payload: dict, path: Path) -> str:
     document = {**payload, "hash": content_hash(payload)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{path.name}")
-    temporary.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    write_json_atomic(path, document, sort_keys=True)
     return document["hash"]
 
 

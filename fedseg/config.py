@@ -85,12 +85,12 @@ class TrainingConfig:
     global model (:mod:`fedseg.moments`), so that every site scales its steps alike; off,
     each site keeps its own.
     ``aggregation_weight`` is what each site's update counts for in the weighted mean that
-    makes the global model: ``steps``, its training steps of the round (NVFlare's
-    ``NUM_STEPS_CURRENT_ROUND``; every site makes ``local_steps``, so the sites count
-    alike), or ``cases``, its training cases (times the share of ``local_steps`` it made;
-    FedAvg as McMahan et al., 2017 weigh it: the federation then follows the pooled data as
-    centralized training samples it). The case count is part of the report every site
-    declares with its update.
+    makes the global model: ``cases``, its training cases (times the share of
+    ``local_steps`` it made; FedAvg as McMahan et al., 2017 weigh it: the federation then
+    follows the pooled data as centralized training samples it; the default), or ``steps``,
+    its training steps of the round (NVFlare's ``NUM_STEPS_CURRENT_ROUND``; every site
+    makes ``local_steps``, so the sites count alike). The case count is part of the report
+    every site declares with its update.
     """
 
     optimizer: str = "adamw"
@@ -108,7 +108,7 @@ class TrainingConfig:
     device: str = "auto"
     seed: int = 0
     shared_moments: bool = False
-    aggregation_weight: str = "steps"
+    aggregation_weight: str = "cases"
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,34 @@ import os
 from pathlib import Path
 
 
-def write_json_atomic(path: Path, payload: object) -> None:
-    """Writes ``payload`` as indented JSON; readers see the old file or the new one, never half.
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path``; readers see the old file or the new one, never half of it.
+
+    The text goes to a hidden temporary file beside ``path`` that replaces it in one step. If
+    writing fails, the temporary file is removed and ``path`` keeps its old content.
+
+    Args:
+        path: Destination file (its folder must exist).
+        text: Content, written as UTF-8.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".tmp-{path.name}")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload: object, **dumps_options: object) -> None:
+    """Writes ``payload`` as indented JSON, atomically (:func:`write_text_atomic`).
 
     Args:
         path: Destination file (its folder must exist).
         payload: JSON-serializable content.
+        **dumps_options: Further options of :func:`json.dumps` (``sort_keys``, ``allow_nan``).
     """
-    path = Path(path)
-    temporary = path.with_name(f".tmp-{path.name}")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, **dumps_options) + "\n")
 
 
 def file_sha256(path: Path) -> str:

@@ -43,6 +43,10 @@ class PackedCkksError(ValueError):
     """A packed message or context that cannot be used; the message says why."""
 
 
+class WeightedOverflowError(PackedCkksError):
+    """An update whose values times its weight could overflow the aggregate of the context."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One tensor of the model: its name, shape and dtype."""
@@ -306,8 +310,9 @@ def encrypt_update(keys: CkksKeys, weights: Mapping[str, np.ndarray], weight: fl
         The packed message.
 
     Raises:
-        PackedCkksError: If a value is not finite, or the weighted values could overflow an
-            aggregate of :data:`MAX_SITES` sites.
+        PackedCkksError: If a value is not finite.
+        WeightedOverflowError: If the weighted values could overflow an aggregate of
+            :data:`MAX_SITES` sites.
     """
     layout = Layout.of(weights)
     vector = layout.flatten(weights) * float(weight)
@@ -317,9 +322,10 @@ def encrypt_update(keys: CkksKeys, weights: Mapping[str, np.ndarray], weight: fl
     limit = 2.0 ** (keys.data_primes[0] - 2) / keys.scale / MAX_SITES
     largest = float(np.abs(vector).max()) if vector.size else 0.0
     if largest >= limit:
-        raise PackedCkksError(
-            f"weighted value {largest:.3g} could overflow an aggregate of {MAX_SITES} sites "
-            f"(limit {limit:.3g}); provision a smaller scale or a larger first prime"
+        raise WeightedOverflowError(
+            f"weighted value {largest:.3g} (weight {weight:g} times a value of "
+            f"{largest / weight:.3g}) could overflow an aggregate of {MAX_SITES} sites (limit "
+            f"{limit:.3g}): provision a smaller scale or a larger first prime"
         )
     header = {
         "format": FORMAT_VERSION,

@@ -1,10 +1,12 @@
 """The packed pipeline against NVFlare's stock HE filters, on the same data."""
 
 import numpy as np
+import pytest
 import torch
 
 from benchmarks.he_pipelines import packed_round, stock_round
 from fedseg.config import load_config
+from fedseg.packed_ckks import WeightedOverflowError
 from models.networks import build_network
 
 
@@ -55,3 +57,15 @@ def test_packed_filters_weigh_each_update_by_the_weight_its_site_declares(provis
     measured = packed_round(provisioned["packed"]["kits"], models, [20, 20, 20], cases)
     assert largest_error(measured.average, weighted_mean(models, cases)) < 1e-5
     assert largest_error(measured.average, weighted_mean(models, [1, 1, 1])) > 1e-4
+
+
+def test_an_update_too_heavy_for_the_packed_context_is_refused_with_its_remedies(provisioned):
+    models = site_models(1)
+    name = next(iter(models[0]))
+    models[0][name][...] = 8.0  # a PReLU slope of the demo's UNet reaches this in training
+    with pytest.raises(WeightedOverflowError) as refused:  # 600 cases x 8 > 4096
+        packed_round(provisioned["packed"]["kits"], models, [20], [600.0])
+    message = str(refused.value)
+    assert "weighted value 4.8e+03 (weight 600 times a value of 8)" in message
+    assert "provision a smaller scale" in message
+    assert "training.aggregation_weight: steps): this site's update counts for 600" in message

@@ -24,13 +24,12 @@ FEDSEG = str(Path(sys.executable).with_name("fedseg"))
 
 @pytest.fixture(scope="module")
 def job_run(datasets, tmp_path_factory):
-    """synth -> ingest -> federated harmonization fit -> 2 FedAvg rounds (weighted by cases)."""
+    """synth -> ingest -> federated harmonization fit -> 2 FedAvg rounds."""
     workdir = tmp_path_factory.mktemp("job")
     sites = [str(datasets[name]) for name in ("site-1", "site-2", "site-3")]
     config = workdir / "run.yaml"
     tiny = load_config("tiny").to_dict()
     tiny["harmonization"]["min_images"] = 2
-    tiny["training"]["aggregation_weight"] = "cases"
     config.write_text(json.dumps(tiny))  # JSON is YAML
     result = subprocess.run(
         [FEDSEG, "job", "run", "--config", str(config), *[a for s in sites for a in ("--site", s)],
@@ -51,7 +50,8 @@ def test_every_site_reports_finite_metrics_for_every_round(job_run):
         for entry in report["rounds"]:
             assert all(math.isfinite(v) for k, v in entry["metrics"].items() if "dice" in k)
             assert entry["train_steps"] == 8 and math.isfinite(entry["train_loss"])
-            assert entry["aggregation_weight"] == report["data"]["training_cases"]  # cases
+            # Weighted by its training cases (the profiles' aggregation_weight).
+            assert entry["aggregation_weight"] == report["data"]["training_cases"]
         assert report["device"] == "cpu"
         assert report["data"]["validation_cases"] >= 1
         assert report["summary"]["model"] == "final global model"
@@ -160,7 +160,8 @@ def test_a_site_refuses_an_altered_artifact(datasets, tmp_path, job_run):
 )
 def test_exported_job_folder(tmp_path, job_run, encryption, components):
     workdir, _ = job_run
-    config = load_config(workdir / "run.yaml")  # training.aggregation_weight: cases
+    config = load_config(workdir / "run.yaml")
+    assert config.training.aggregation_weight == "cases"
     job = export_job(config, tmp_path / "export", workdir / "harmonization.json", encryption)
     meta = json.loads((job / "meta.json").read_text())
     assert meta["min_clients"] == 2
