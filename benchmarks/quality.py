@@ -1179,7 +1179,11 @@ def _reading(summary: dict) -> str:
             f"centralized's {central_loss:.2f}; the global model's mean Dice moved by at most "
             f"{max(moves.values()):.3f} after round {last_validated} (table above). "
             "Centralized samples sites in proportion to their training cases; FedAvg weighs "
-            "each site's update by its steps, equal here."
+            + (
+                "each site's update by its training cases too."
+                if arms["harmonized"]["config"]["training"].get("aggregation_weight") == "cases"
+                else "each site's update by its steps, equal here."
+            )
         )
     raises = summary["harmonization_raises"]
     margins = [
