@@ -923,6 +923,11 @@ def measurement_record(progress: Iterable[ArmProgress]) -> dict:
     }
 
 
+def _fedavg_weighting(arms: dict) -> str:
+    """FedAvg's ``training.aggregation_weight`` (steps in reports made before the option)."""
+    return arms["harmonized"]["config"]["training"].get("aggregation_weight", "steps")
+
+
 def _markdown(summary: dict) -> str:
     arms, budget, synth = summary["arms"], summary["budget"], summary["synth"]
     config = arms["raw"]["config"]
@@ -947,11 +952,11 @@ def _markdown(summary: dict) -> str:
         if training.get("shared_moments")
         else "each keeping their own AdamW moments"
     )
-    weighting = {  # before the option existed, every update counted for its steps
+    weighting = {
         "steps": "each site's update counting for its steps (equal at every site)",
         "cases": "each site's update counting for its training cases "
         "(`training.aggregation_weight: cases`)",
-    }[training.get("aggregation_weight", "steps")]
+    }[_fedavg_weighting(arms)]
     return f"""# Segmentation quality: local-only, centralized and FedAvg, raw and harmonized
 
 Command: `{summary["command"]}` (results: `benchmarks/results/{summary["name"]}.json`; each \
@@ -1181,7 +1186,7 @@ def _reading(summary: dict) -> str:
             "Centralized samples sites in proportion to their training cases; FedAvg weighs "
             + (
                 "each site's update by its training cases too."
-                if arms["harmonized"]["config"]["training"].get("aggregation_weight") == "cases"
+                if _fedavg_weighting(arms) == "cases"
                 else "each site's update by its steps, equal here."
             )
         )
