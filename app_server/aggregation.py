@@ -3,7 +3,10 @@
 Both aggregators accept only the current round's first update of each site, record every
 refused update (site, round, reason) in the run's site reports, and refuse to produce a global
 model from fewer than ``min_sites`` updates: the round then fails, naming the sites that sent
-nothing, instead of averaging too few sites silently.
+nothing, instead of averaging too few sites silently. In a job weighted by training cases they
+also refuse an update that declares no weight (from a site whose fedseg predates
+``training.aggregation_weight``): it could only count by its steps, and steps and cases do not
+mix in one mean.
 
 - :class:`PlaintextAggregator` keeps the round's weight differences, refuses non-finite ones
   and those whose norm exceeds ``outlier_factor`` times the median norm of the other sites'
@@ -29,7 +32,13 @@ from nvflare.app_common.app_constant import AppConstants
 
 from app_server.report_collector import site_reports_for
 from fedseg.he_context import SERVER_CONTEXT_FILE, load_provisioned_keys
-from fedseg.messages import PACKED_ALGORITHM, PACKED_KEY, REFUSED_META_KEY, update_weight
+from fedseg.messages import (
+    AGGREGATION_WEIGHT_META_KEY,
+    PACKED_ALGORITHM,
+    PACKED_KEY,
+    REFUSED_META_KEY,
+    update_weight,
+)
 from fedseg.moments import MOMENTS_PREFIX
 from fedseg.packed_ckks import EncryptedSum, PackedCkksError
 
@@ -44,12 +53,14 @@ class _RoundAggregator(Aggregator):
     Args:
         min_sites: Fewest updates a global model is made of.
         mode: The job's mode, for the site reports.
+        aggregation_weight: What the job weighs updates by (``training.aggregation_weight``).
     """
 
-    def __init__(self, min_sites: int, mode: str):
+    def __init__(self, min_sites: int, mode: str, aggregation_weight: str = "steps"):
         super().__init__()
         self.min_sites = min_sites
         self.mode = mode
+        self.aggregation_weight = aggregation_weight
         self._lock = threading.Lock()
         self._contributors: list[str] = []
 
@@ -73,6 +84,19 @@ class _RoundAggregator(Aggregator):
         declined = dxo.get_meta_prop(REFUSED_META_KEY)
         if declined:
             self._refuse(fl_ctx, site, f"refused at the site: {declined}")
+            return False
+        if (
+            self.aggregation_weight != "steps"
+            and dxo.get_meta_prop(AGGREGATION_WEIGHT_META_KEY) is None
+        ):
+            self._refuse(
+                fl_ctx,
+                site,
+                f"the job weighs updates by training {self.aggregation_weight} and the update "
+                "declares no weight (the site's fedseg predates training.aggregation_weight): "
+                "upgrade fedseg at the site, or export the job with "
+                "training.aggregation_weight: steps",
+            )
             return False
         with self._lock:
             if site in self._contributors:
@@ -151,10 +175,17 @@ class PlaintextAggregator(_RoundAggregator):
         outlier_factor: Refuse an update whose norm exceeds this times the median norm of the
             other updates of the round (with at least two others).
         mode: The job's mode, for the site reports.
+        aggregation_weight: What the job weighs updates by (``training.aggregation_weight``).
     """
 
-    def __init__(self, min_sites: int, outlier_factor: float, mode: str = "plaintext"):
-        super().__init__(min_sites, mode)
+    def __init__(
+        self,
+        min_sites: int,
+        outlier_factor: float,
+        mode: str = "plaintext",
+        aggregation_weight: str = "steps",
+    ):
+        super().__init__(min_sites, mode, aggregation_weight)
         self.outlier_factor = outlier_factor
         self._updates: dict[str, tuple[dict[str, np.ndarray], float]] = {}
         self._dtypes: dict[str, dict[str, np.dtype]] = {}  # each update's precision
@@ -222,6 +253,7 @@ class PackedHEAggregator(_RoundAggregator):
         min_sites: Fewest updates a global model is made of.
         tenseal_context_file: The server's provisioned context.
         mode: The job's mode, for the site reports.
+        aggregation_weight: What the job weighs updates by (``training.aggregation_weight``).
     """
 
     def __init__(
@@ -229,8 +261,9 @@ class PackedHEAggregator(_RoundAggregator):
         min_sites: int,
         tenseal_context_file: str = SERVER_CONTEXT_FILE,
         mode: str = "he-packed",
+        aggregation_weight: str = "steps",
     ):
-        super().__init__(min_sites, mode)
+        super().__init__(min_sites, mode, aggregation_weight)
         self.tenseal_context_file = tenseal_context_file
         self._keys = None
         self._sum = None

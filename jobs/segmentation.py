@@ -223,10 +223,13 @@ def _scatter_and_gather(
     persistor = GlobalModelPersistor(initial_model.name, encrypted, resumed_round)
     job.to_server(persistor, id="persistor")
     job.to_server(FullModelShareableGenerator(), id="shareable_generator")
+    weighting = config.training.aggregation_weight
     if encrypted:
-        aggregator = PackedHEAggregator(min_sites)
+        aggregator = PackedHEAggregator(min_sites, aggregation_weight=weighting)
     else:
-        aggregator = PlaintextAggregator(min_sites, config.federation.outlier_factor)
+        aggregator = PlaintextAggregator(
+            min_sites, config.federation.outlier_factor, aggregation_weight=weighting
+        )
     job.to_server(aggregator, id="aggregator")
     job.to_server(
         ScatterAndGather(

@@ -135,6 +135,22 @@ def test_a_declared_aggregation_weight_replaces_the_step_count(tmp_path):
     assert "no positive aggregation weight" in stored["refusals"][-1]["reason"]
 
 
+def test_a_job_weighted_by_cases_refuses_an_update_weighted_only_by_its_steps(tmp_path):
+    aggregator = PlaintextAggregator(min_sites=2, outlier_factor=10.0, aggregation_weight="cases")
+    fl_ctx = server_context(tmp_path)
+    aggregator.reset(fl_ctx)
+    updates = {n: {"w": np.full(4, float(n))} for n in (1, 2, 3)}
+    assert submit(aggregator, fl_ctx, "site-1", updates[1], weight=22)
+    assert submit(aggregator, fl_ctx, "site-2", updates[2], weight=14)
+    assert not submit(aggregator, fl_ctx, "site-3", updates[3], steps=20)  # an older site
+    mean = from_shareable(aggregator.aggregate(fl_ctx)).data["w"]
+    np.testing.assert_allclose(mean, (1.0 * 22 + 2.0 * 14) / 36)
+    stored = json.loads(next(tmp_path.rglob(SITE_REPORTS_FILE)).read_text())
+    (refusal,) = stored["refusals"]
+    assert refusal["site"] == "site-3"
+    assert "declares no weight" in refusal["reason"] and "upgrade fedseg" in refusal["reason"]
+
+
 def test_an_outlier_refusal_in_a_job_sharing_moments_says_what_to_do(tmp_path):
     aggregator = PlaintextAggregator(min_sites=2, outlier_factor=10.0)
     fl_ctx = server_context(tmp_path)

@@ -178,6 +178,10 @@ def test_exported_job_folder(tmp_path, job_run, encryption, components):
     manifest = json.loads(next(job.rglob("fedseg_job.json")).read_text())
     # NVFlare's stock HE filters weigh by steps: the sites are told so, not left to disagree.
     assert manifest["aggregation_weight"] == ("steps" if encryption == "stock" else "cases")
+    if encryption != "stock":  # the server refuses updates that declare no case weight
+        components = json.loads(server_config.read_text())["components"]
+        (aggregator,) = [c for c in components if c["id"] == "aggregator"]
+        assert aggregator["args"]["aggregation_weight"] == "cases"
 
 
 def test_empty_cross_site_results_fail_loudly(tmp_path):
