@@ -28,16 +28,16 @@ in all nine site and region pairs (by up to 0.047 Dice, on validation splits of 
 cases). At 300 x 20 (18000 steps, ``benchmarks/quality_300.md``) FedAvg's global model had
 stopped moving but centralized had not (it gains 0.016 mean Dice from 18000 to 54000 steps,
 ``benchmarks/quality_budget.md``), and FedAvg trailed it by up to 0.055 on the present
-validation splits. The default takes about seven hours on two CPU cores (416 min for the 14
+validation splits. The default takes about ten hours on two CPU cores (586 min for the 18
 models), in parts (below).
 
 Every model is evaluated with the engine's sliding-window validation (``SegmentationEngine``
 with the model's weights loaded) on each training site's validation split and on the external
 site, through its own arm's pipeline. Goals: FedAvg within 0.02 Dice of centralized on every
 training site (each of WT, TC, ET), judged on the harmonized arm (fedseg's pipeline) over
-``--seeds`` training seeds: one seed's models differ from another's by as much as the goal, so
-the harmonized centralized and FedAvg models are trained once per seed and the gap is their
-mean (the raw arm's gaps, one seed, are reported beside it); harmonization raises every
+``--seeds`` training seeds (default 5): one seed's models differ from another's by as much as
+the goal, so the harmonized centralized and FedAvg models are trained once per seed and the gap
+is their mean (the raw arm's gaps, one seed, are reported beside it); harmonization raises every
 model's worst-training-site and external-site Dice (mean of WT, TC, ET; the first seed's
 models in both arms). FedAvg's sites validate the global model every
 ``VALIDATION_EVERY_ROUNDS`` rounds and the final one.
@@ -771,8 +771,8 @@ def main() -> None:
     parser.add_argument(
         "--seeds",
         type=int,
-        default=3,
-        help="training seeds of the harmonized arm's centralized and FedAvg models (default 3)",
+        default=5,
+        help="training seeds of the harmonized arm's centralized and FedAvg models (default 5)",
     )
     parser.add_argument(
         "--runs-folder",
