@@ -332,6 +332,8 @@ def evaluate(weights: dict[str, np.ndarray], engines: dict[str, SegmentationEngi
 
 #: Where measured models are kept between runs: one folder per arm and setting.
 RUNS_FOLDER = HERE / "results" / "quality_runs"
+#: The benchmark arguments a stored model was measured with (part of its folder's digest).
+SETTING_ARGUMENTS = ("rounds", "local_steps", "cases", "validation_fraction", "size", "seed")
 
 
 @dataclass(frozen=True)
@@ -485,10 +487,7 @@ def run_arm(
     setting = {
         "benchmark": "quality",
         "arm": arm,
-        "arguments": {
-            key: getattr(args, key)
-            for key in ("rounds", "local_steps", "cases", "validation_fraction", "size", "seed")
-        },
+        "arguments": {key: getattr(args, key) for key in SETTING_ARGUMENTS},
         "config": config.to_dict(),
         "data": data_digest,
         "harmonization_hash": artifact_hash,
@@ -756,7 +755,8 @@ def machine() -> dict:
     }
 
 
-def main() -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """The benchmark's command line; its defaults are the measurement the report reads."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=900, help="FedAvg rounds R (default 900)")
     parser.add_argument("--local-steps", type=int, default=20, help="local steps S (default 20)")
@@ -796,6 +796,11 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 2 rounds of 10 steps, 2 seeds"
     )
+    return parser
+
+
+def main() -> None:
+    parser = argument_parser()
     args = parser.parse_args()
     default_name = "quality" if args.aggregation_weight == "cases" else "quality_steps"
     args.name = args.name or default_name
