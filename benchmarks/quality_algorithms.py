@@ -7,18 +7,19 @@ budget as ``benchmarks/quality.py``'s harmonized arm (same synthetic hospitals, 
 initial weights, network, AdamW and learning-rate schedule):
 
 - ``fedavg``: plain FedAvg. Each site keeps its optimizer (AdamW moments) from round to
-  round, trains S steps from the global model, and the global model moves by the mean of the
-  sites' weight differences (the job's mean with ``aggregation_weight: steps``; every site
-  makes S steps).
+  round, trains S steps from the global model, and the global model moves by the weighted mean
+  of the sites' weight differences. ``--aggregation-weight`` weighs them as the job does:
+  ``cases`` (the job's default) by each site's training cases, ``steps`` by its steps (every
+  site makes S, so alike; the weighting of the reports measured before the option existed).
 - ``fresh``: the same, with every site's optimizer state cleared at the start of each round.
 - ``scaffold``: control variates against client drift (Karimireddy et al., 2020): every
   gradient a site computes is corrected by the federation's mean gradient of the previous round
   minus the site's own, before AdamW sees it.
 - ``shared_moments``: at the start of each round every site's AdamW second-moment estimate is
-  replaced by the sites' mean, so that all sites scale their steps alike. The job does the
-  same through the global model, with one difference: it averages the square roots (each
-  site's gradient RMS, :mod:`fedseg.moments`) and squares the mean, which is at most the mean
-  of the second moments.
+  replaced by the sites' mean (weighted as the updates are), so that all sites scale their
+  steps alike. The job does the same through the global model, with one difference: it
+  averages the square roots (each site's gradient RMS, :mod:`fedseg.moments`) and squares the
+  mean, which is at most the mean of the second moments.
 
 A run may also give a server learning rate: the global model then moves by that multiple of
 the sites' mean weight difference (FedAvg with server SGD, Reddi et al., 2021), which makes up
@@ -26,9 +27,10 @@ for the sites' steps being averaged rather than added when their directions agre
 
 The sites run as :class:`app_site.engine.SegmentationEngine` objects in this process and are
 averaged here, not through NVFlare: this benchmark compares optimization algorithms, and its
-``shared_moments`` rows at the job's schedule are checked against the NVFlare job's gaps in
-``benchmarks/quality_steps.md`` (the same algorithm, every site's update weighted alike; the
-sites' random streams differ, so the numbers agree only to within run-to-run noise). Every
+``shared_moments`` rows at the job's schedule are checked against the NVFlare job's gaps with
+the same weighting (``benchmarks/quality.md`` by cases, ``benchmarks/quality_steps.md`` by
+steps; the sites' random streams differ, so the numbers agree only to within run-to-run
+noise). Every
 model is trained once per training seed (``--seeds``) and each gap is the mean over seeds, as
 in ``benchmarks/quality.py``; one seed's models differ from another's by as much as the goal.
 Centralized training is also run with a third of the budget (as many sequential steps as each
@@ -36,8 +38,8 @@ FedAvg site makes; first seed only), to tell fewer sequential steps apart from t
 differences.
 
 Usage: python benchmarks/quality_algorithms.py [--runs fedavg:40x50,scaffold:200x10:2,...]
-    [--seeds N] [--cases N] [--validation-fraction F] [--size S] [--seed K] [--workspace DIR]
-    [--quick]
+    [--aggregation-weight cases|steps] [--seeds N] [--cases N] [--validation-fraction F]
+    [--size S] [--seed K] [--workspace DIR] [--quick]
 Writes benchmarks/results/NAME.json and benchmarks/NAME.md (NAME: --name, default
 quality_algorithms; not with --quick).
 """
@@ -75,10 +77,13 @@ from quality import (
 )
 
 from app_site.engine import SegmentationEngine
-from fedseg.config import RunConfig
+from app_site.training_task import aggregation_weight
+from fedseg.config import AGGREGATION_WEIGHTS, RunConfig
 from fedseg.files import write_json_atomic, write_text_atomic
 
 ALGORITHMS = ("fedavg", "fresh", "scaffold", "shared_moments")
+#: The quality benchmark's report of the NVFlare job with each weighting.
+NVFLARE_REPORTS = {"cases": "quality", "steps": "quality_steps"}
 DEFAULT_RUNS = "shared_moments:300x20,shared_moments:300x20:2,shared_moments:300x20:3"
 Weights = dict[str, np.ndarray]
 
@@ -131,15 +136,20 @@ def corrected_gradients(
             handle.remove()
 
 
-def share_second_moments(engines: list[SegmentationEngine]) -> None:
-    """Sets every site's AdamW second-moment estimates to the sites' mean (none before step 1)."""
+def share_second_moments(engines: list[SegmentationEngine], shares: list[float]) -> None:
+    """Sets every site's AdamW second-moment estimates to the sites' mean (none before step 1).
+
+    Args:
+        engines: The sites.
+        shares: Each site's share of the weighted mean (summing to 1).
+    """
     parameter_states = zip(
         *([engine.optimizer.state[p] for p in engine.model.parameters()] for engine in engines),
         strict=True,
     )
     for states in parameter_states:
         if "exp_avg_sq" in states[0]:
-            mean = sum(state["exp_avg_sq"] for state in states) / len(states)
+            mean = sum(s * state["exp_avg_sq"] for s, state in zip(shares, states, strict=True))
             for state in states:
                 state["exp_avg_sq"].copy_(mean)
 
@@ -154,19 +164,30 @@ def train_federated(
 ) -> Weights:
     """Runs one federated algorithm over the training sites in this process.
 
-    The global model moves by ``server_lr`` times the sites' mean weight difference.
+    The global model moves by ``server_lr`` times the sites' mean weight difference, weighted
+    by ``config.training.aggregation_weight`` as the job weighs the sites' updates.
 
     Returns:
         The final global model.
     """
     training = config.training
     engines = [SegmentationEngine(config, datasets[site], transform) for site in TRAINING_SITES]
+    weights = [
+        aggregation_weight(
+            training.aggregation_weight,
+            training.local_steps,
+            len(engine.train_files),
+            training.local_steps,
+        )
+        for engine in engines
+    ]
+    shares = [weight / sum(weights) for weight in weights]
     model = {key: value.copy() for key, value in start.items()}
     own_gradients: list[dict[str, torch.Tensor] | None] = [None] * len(engines)
     mean_gradient: dict[str, torch.Tensor] | None = None
     for round_number in range(training.rounds):
         if algorithm == "shared_moments":
-            share_second_moments(engines)
+            share_second_moments(engines, shares)
         differences = []
         for index, engine in enumerate(engines):
             engine.load_weights(model)
@@ -191,7 +212,8 @@ def train_federated(
             for name in own_gradients[0]
         }
         model = {
-            key: model[key] + server_lr * np.mean([d[key] for d in differences], axis=0)
+            key: model[key]
+            + server_lr * sum(share * d[key] for share, d in zip(shares, differences, strict=True))
             for key in model
         }
     return model
@@ -201,6 +223,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--runs", default=DEFAULT_RUNS, help="algorithm:RxS[:server_lr], same budget"
+    )
+    parser.add_argument(
+        "--aggregation-weight",
+        choices=AGGREGATION_WEIGHTS,
+        default="cases",
+        help="what each site's update counts for (training.aggregation_weight; default cases, "
+        "as in the job)",
     )
     parser.add_argument(
         "--seeds", type=int, default=1, help="training seeds 0..N-1 of every model (default 1)"
@@ -249,7 +278,12 @@ def main() -> None:
             for result, evaluated in zip(results[1:], evaluations[1:], strict=True):
                 run_began = time.perf_counter()
                 weights = train_federated(
-                    _seeded(run_config(result["rounds"], result["local_steps"], "nyul"), seed),
+                    _seeded(
+                        run_config(
+                            result["rounds"], result["local_steps"], "nyul", args.aggregation_weight
+                        ),
+                        seed,
+                    ),
                     arm.datasets,
                     arm.transform,
                     start,
@@ -275,10 +309,11 @@ def main() -> None:
         "synth": {"sites": 4, "cases_per_site": args.cases, "size": args.size, "seed": args.seed},
         "validation_fraction": args.validation_fraction,
         "training_seeds": args.seeds,
+        "aggregation_weight": args.aggregation_weight,
         "budget_steps": 3 * per_site,
         "centralized": {"seconds": central_seconds, "steps": 3 * per_site},
         "runs": results,
-        "nvflare_fedavg": _nvflare_fedavg(),
+        "nvflare_fedavg": _nvflare_fedavg(args.aggregation_weight),
         "seconds_total": round(time.perf_counter() - began, 1),
         "machine": machine(),
     }
@@ -300,14 +335,16 @@ def _label(run: dict) -> str:
     return run["algorithm"] + ("" if server_lr == 1.0 else f", server LR {server_lr:g}")
 
 
-def _nvflare_fedavg() -> dict[str, float]:
-    """The step-weighted NVFlare job's harmonized gaps (largest, mean; seeds), if measured."""
-    path = HERE / "results" / "quality_steps.json"
+def _nvflare_fedavg(weighting: str) -> dict[str, float]:
+    """The NVFlare job's harmonized gaps (largest, mean; seeds) with ``weighting``, if measured."""
+    report = NVFLARE_REPORTS[weighting]
+    path = HERE / "results" / f"{report}.json"
     if not path.is_file():
         return {}
     quality = json.loads(path.read_text())
     gaps = quality["fedavg_gap"][quality["goal_arm"]]
     return {
+        "report": report,
         "schedule": f"{quality['budget']['rounds']}x{quality['budget']['local_steps']}",
         "seeds": len(gaps[TRAINING_SITES[0]]["WT"]["per_seed"]),
         "largest_gap": largest_gap(gaps),
@@ -348,6 +385,7 @@ def _markdown(summary: dict) -> str:
     synth = summary["synth"]
     command = (
         f"python benchmarks/quality_algorithms.py --runs {_runs_argument(summary['runs'][1:])} "
+        f"--aggregation-weight {summary['aggregation_weight']} "
         f"--seeds {summary['training_seeds']} --cases {synth['cases_per_site']} "
         f"--validation-fraction {summary['validation_fraction']}"
         + ("" if summary["name"] == "quality_algorithms" else f" --name {summary['name']}")
@@ -375,7 +413,8 @@ most {GOAL_GAP}. Minutes: one seed's training.
 | --- | --- | ---: | ---: | ---: | --- | ---: |
 {largest}
 
-The NVFlare job weighted by steps (`benchmarks/quality_steps.md`): {nvflare}.
+The NVFlare job weighted by {summary["aggregation_weight"]} \
+(`benchmarks/{NVFLARE_REPORTS[summary["aggregation_weight"]]}.md`): {nvflare}.
 
 | model | R x S | site | WT gap | TC gap | ET gap |
 | --- | --- | --- | ---: | ---: | ---: |
