@@ -332,6 +332,8 @@ def evaluate(weights: dict[str, np.ndarray], engines: dict[str, SegmentationEngi
 
 #: Where measured models are kept between runs: one folder per arm and setting.
 RUNS_FOLDER = HERE / "results" / "quality_runs"
+#: The report of each FedAvg weighting (``--name`` by default).
+REPORT_NAMES = {"cases": "quality", "steps": "quality_steps"}
 #: The benchmark arguments a stored model was measured with (part of its folder's digest).
 SETTING_ARGUMENTS = ("rounds", "local_steps", "cases", "validation_fraction", "size", "seed")
 
@@ -802,7 +804,7 @@ def argument_parser() -> argparse.ArgumentParser:
 def main() -> None:
     parser = argument_parser()
     args = parser.parse_args()
-    default_name = "quality" if args.aggregation_weight == "cases" else "quality_steps"
+    default_name = REPORT_NAMES[args.aggregation_weight]
     args.name = args.name or default_name
     parser.set_defaults(name=default_name)  # the report's command leaves it out
     if args.quick:

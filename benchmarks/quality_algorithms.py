@@ -30,9 +30,9 @@ averaged here, not through NVFlare: this benchmark compares optimization algorit
 ``shared_moments`` rows at the job's schedule are checked against the NVFlare job's gaps with
 the same weighting (``benchmarks/quality.md`` by cases, ``benchmarks/quality_steps.md`` by
 steps; the sites' random streams differ, so the numbers agree only to within run-to-run
-noise). Every
-model is trained once per training seed (``--seeds``) and each gap is the mean over seeds, as
-in ``benchmarks/quality.py``; one seed's models differ from another's by as much as the goal.
+noise). Every model is trained once per training seed (``--seeds``) and each gap is the mean
+over seeds, as in ``benchmarks/quality.py``; one seed's models differ from another's by as
+much as the goal.
 Centralized training is also run with a third of the budget (as many sequential steps as each
 FedAvg site makes; first seed only), to tell fewer sequential steps apart from the sites'
 differences.
@@ -60,6 +60,7 @@ from monai.transforms import Transform
 from quality import (
     GOAL_GAP,
     HERE,
+    REPORT_NAMES,
     TRAINING_SITES,
     add_data_arguments,
     evaluate,
@@ -82,8 +83,6 @@ from fedseg.config import AGGREGATION_WEIGHTS, RunConfig
 from fedseg.files import write_json_atomic, write_text_atomic
 
 ALGORITHMS = ("fedavg", "fresh", "scaffold", "shared_moments")
-#: The quality benchmark's report of the NVFlare job with each weighting.
-NVFLARE_REPORTS = {"cases": "quality", "steps": "quality_steps"}
 DEFAULT_RUNS = "shared_moments:300x20,shared_moments:300x20:2,shared_moments:300x20:3"
 Weights = dict[str, np.ndarray]
 
@@ -337,14 +336,12 @@ def _label(run: dict) -> str:
 
 def _nvflare_fedavg(weighting: str) -> dict[str, float]:
     """The NVFlare job's harmonized gaps (largest, mean; seeds) with ``weighting``, if measured."""
-    report = NVFLARE_REPORTS[weighting]
-    path = HERE / "results" / f"{report}.json"
+    path = HERE / "results" / f"{REPORT_NAMES[weighting]}.json"
     if not path.is_file():
         return {}
     quality = json.loads(path.read_text())
     gaps = quality["fedavg_gap"][quality["goal_arm"]]
     return {
-        "report": report,
         "schedule": f"{quality['budget']['rounds']}x{quality['budget']['local_steps']}",
         "seeds": len(gaps[TRAINING_SITES[0]]["WT"]["per_seed"]),
         "largest_gap": largest_gap(gaps),
@@ -414,7 +411,7 @@ most {GOAL_GAP}. Minutes: one seed's training.
 {largest}
 
 The NVFlare job weighted by {summary["aggregation_weight"]} \
-(`benchmarks/{NVFLARE_REPORTS[summary["aggregation_weight"]]}.md`): {nvflare}.
+(`benchmarks/{REPORT_NAMES[summary["aggregation_weight"]]}.md`): {nvflare}.
 
 | model | R x S | site | WT gap | TC gap | ET gap |
 | --- | --- | --- | ---: | ---: | ---: |
