@@ -44,14 +44,15 @@ models in both arms). FedAvg's sites validate the global model every
 
 Each model's training record and evaluation is kept as it is measured, one JSON file per model
 under ``--runs-folder`` (default ``benchmarks/results/quality_runs/``), in a folder per arm
-named by a digest of its setting (arguments, run configuration, data, harmonization artifact,
-library versions). FedAvg's weighting, ``--aggregation-weight``, only names its files in that
-folder: ``seed-K-fedavg-weighted-by-cases.json`` (the default) beside ``seed-K-fedavg.json``
-(by steps, the weighting of the models measured before the option existed). A run skips the
-models already measured with its setting, so a measurement longer than one sitting is spread
-over several runs: ``--stop-after MINUTES`` starts no model after that time, prints what is
-left and goal 1's gaps so far, and the same command run again continues. The report is written
-once every model is measured.
+named by a digest of what its models depend on (arguments, budget R x S, run configuration,
+data, harmonization artifact, library versions). FedAvg's schedule and weighting
+(``--rounds``, ``--local-steps``, ``--aggregation-weight``) only name its files in that
+folder, ``seed-K-fedavg-RxS-by-WEIGHT.json``: centralized and local-only training read the
+budget alone, so FedAvg schedules and weightings of one budget are compared with the same
+centralized and local-only models. A run skips the models already measured with its setting,
+so a measurement longer than one sitting is spread over several runs: ``--stop-after
+MINUTES`` starts no model after that time, prints what is left and goal 1's gaps so far, and
+the same command run again continues. The report is written once every model is measured.
 
 NVFlare's simulator needs a writable HOME. Workspaces go under ``--workspace`` (default
 ``/tmp/quality-bench``) and are removed at the end unless ``--keep``.
@@ -70,7 +71,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import hashlib
 import json
@@ -334,8 +334,37 @@ def evaluate(weights: dict[str, np.ndarray], engines: dict[str, SegmentationEngi
 RUNS_FOLDER = HERE / "results" / "quality_runs"
 #: The report of each FedAvg weighting (``--name`` by default).
 REPORT_NAMES = {"cases": "quality", "steps": "quality_steps"}
-#: The benchmark arguments a stored model was measured with (part of its folder's digest).
-SETTING_ARGUMENTS = ("rounds", "local_steps", "cases", "validation_fraction", "size", "seed")
+#: The benchmark arguments every model of an arm depends on (part of its folder's digest).
+SETTING_ARGUMENTS = ("cases", "validation_fraction", "size", "seed")
+#: The run configuration's training keys that only FedAvg reads: they name its files.
+FEDAVG_ONLY_TRAINING_KEYS = ("rounds", "local_steps", "aggregation_weight")
+
+
+def model_setting(args: argparse.Namespace, config: RunConfig) -> dict:
+    """The benchmark arguments and run configuration every model of an arm depends on.
+
+    Centralized and local-only training read the FedAvg schedule (``--rounds`` x
+    ``--local-steps``) only through its product, the budget; the schedule and the weighting
+    are left out (:data:`FEDAVG_ONLY_TRAINING_KEYS`) and name FedAvg's files instead
+    (:meth:`MeasuredModels.path`).
+
+    Returns:
+        ``arguments`` (:data:`SETTING_ARGUMENTS`), ``budget_steps`` (R x S) and ``config``.
+    """
+    configuration = config.to_dict()
+    for key in FEDAVG_ONLY_TRAINING_KEYS:
+        del configuration["training"][key]
+    return {
+        "arguments": {key: getattr(args, key) for key in SETTING_ARGUMENTS},
+        "budget_steps": args.rounds * args.local_steps,
+        "config": configuration,
+    }
+
+
+def arm_folder(root: Path, setting: dict) -> Path:
+    """The folder under ``root`` that keeps the models of ``setting["arm"]`` with ``setting``."""
+    text = json.dumps(setting, sort_keys=True)
+    return root / f"{setting['arm']}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)
@@ -388,34 +417,29 @@ class MeasuredModels:
     A model measured once, by this run or an earlier one, is not trained again: a run stopped
     by ``--stop-after`` is continued by the next run with the same arguments, and a long
     measurement can be spread over several sessions. The folder is named by a digest of the
-    arm's setting (benchmark arguments, run configuration, data, harmonization artifact,
-    library versions), so a change to any of them starts a new folder rather than mixing
-    results. ``training.aggregation_weight`` is left out of the setting: only FedAvg reads
-    it, and a FedAvg model weighted otherwise than by steps (the weighting of every model
-    measured before the option existed) has its own file in the folder,
-    ``seed-K-fedavg-weighted-by-cases.json``, beside the centralized and local-only models it
-    is compared with.
+    arm's setting (:func:`arm_folder`), so a change to any of it starts a new folder rather
+    than mixing results. FedAvg's schedule and weighting are not part of the setting
+    (:func:`model_setting`): each FedAvg model's file names them,
+    ``seed-K-fedavg-900x20-by-cases.json``, beside the centralized and local-only models of
+    the same budget that it is compared with.
 
     Attributes:
         folder: The arm's folder.
-        setting: The setting the folder is named by (without the weighting).
-        aggregation_weight: FedAvg's ``training.aggregation_weight``.
+        setting: The setting the folder is named by.
+        fedavg: FedAvg's schedule and weighting as its files name them (``900x20-by-cases``).
     """
 
-    def __init__(self, root: Path, arm: str, setting: dict) -> None:
-        """Opens (without creating) the folder of ``arm`` measured with ``setting``."""
-        setting = copy.deepcopy(setting)
-        self.aggregation_weight = setting["config"]["training"].pop("aggregation_weight")
-        text = json.dumps(setting, sort_keys=True)
-        self.folder = root / f"{arm}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    def __init__(self, root: Path, setting: dict, config: RunConfig) -> None:
+        """Opens (without creating) the folder of ``setting``; FedAvg runs with ``config``."""
+        self.folder = arm_folder(root, setting)
         self.setting = setting
+        training = config.training
+        self.fedavg = f"{training.rounds}x{training.local_steps}-by-{training.aggregation_weight}"
 
     def path(self, run: ModelRun) -> Path:
         """Where the result of ``run`` is kept."""
-        if run.name == "fedavg" and self.aggregation_weight != "steps":
-            return self.folder / run.file_name.replace(
-                ".json", f"-weighted-by-{self.aggregation_weight}.json"
-            )
+        if run.name == "fedavg":
+            return self.folder / run.file_name.replace(".json", f"-{self.fedavg}.json")
         return self.folder / run.file_name
 
     def load(self, run: ModelRun) -> dict | None:
@@ -489,13 +513,12 @@ def run_arm(
     setting = {
         "benchmark": "quality",
         "arm": arm,
-        "arguments": {key: getattr(args, key) for key in SETTING_ARGUMENTS},
-        "config": config.to_dict(),
+        **model_setting(args, config),
         "data": data_digest,
         "harmonization_hash": artifact_hash,
         "versions": {key: machine()[key] for key in ("python", "torch", "monai", "nvflare")},
     }
-    store = MeasuredModels(args.runs_folder, arm, setting)
+    store = MeasuredModels(args.runs_folder, setting, config)
     runs = arm_runs(config.training.seed, seeds)
     progress = ArmProgress(config, artifact_hash, runs, {}, store.folder)
     for run in runs:

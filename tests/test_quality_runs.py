@@ -2,24 +2,27 @@
 
 ``benchmarks/quality.py`` keeps each measured model in a folder named by a digest of its
 setting, and a rerun continues from it. A changed default (of the ``tiny`` profile, of the
-benchmark's configuration or of its arguments) moves the digest: the rerun would silently
-start over in a new folder, hours of measurement later. These tests make that a decision.
+benchmark's configuration or of its arguments) moves the digest or the FedAvg file name: the
+rerun would silently start over, hours of measurement later. These tests make that a decision.
 """
 
-import copy
 import json
+import re
 
 import pytest
 
 from benchmarks.quality import (
     ARMS,
     RUNS_FOLDER,
-    SETTING_ARGUMENTS,
     MeasuredModels,
     argument_parser,
+    arm_folder,
+    arm_runs,
+    model_setting,
     run_config,
 )
 
+FEDAVG_FILE = re.compile(r"seed-(\d+)-fedavg-(\d+)x(\d+)-by-(cases|steps)\.json")
 STORED = [
     (folder, json.loads((folder / "setting.json").read_text()))
     for folder in sorted(RUNS_FOLDER.glob("*-*"))
@@ -29,27 +32,48 @@ STORED = [
 @pytest.mark.parametrize("arm", sorted(ARMS))
 def test_the_default_measurement_of_each_arm_is_stored(arm):
     defaults = argument_parser().parse_args([])
-    arguments = {key: getattr(defaults, key) for key in SETTING_ARGUMENTS}
     config = run_config(
         defaults.rounds, defaults.local_steps, ARMS[arm], defaults.aggregation_weight
-    ).to_dict()
-    del config["training"]["aggregation_weight"]  # names files within a folder, not the folder
+    )
+    expected = model_setting(defaults, config)
     matching = [
         folder
         for folder, setting in STORED
-        if setting["arm"] == arm
-        and setting["arguments"] == arguments
-        and setting["config"] == config
+        if setting["arm"] == arm and all(setting[key] == value for key, value in expected.items())
     ]
     assert matching, (
         f"no folder in {RUNS_FOLDER} holds the {arm} arm measured with the benchmark's defaults: "
         "a default changed since, and `python benchmarks/quality.py` would measure every model "
         "again; keep the default, or re-measure and remove the old folder"
     )
+    (folder,) = matching
+    store = MeasuredModels(RUNS_FOLDER, json.loads((folder / "setting.json").read_text()), config)
+    missing = [run for run in arm_runs(0, 1) if not store.path(run).is_file()]
+    assert not missing, (
+        f"{folder.name} lacks {[store.path(run).name for run in missing]}: the default FedAvg "
+        "schedule or weighting changed since its models were measured"
+    )
 
 
 @pytest.mark.parametrize(("folder", "setting"), STORED, ids=[f.name for f, _ in STORED])
 def test_each_stored_folder_is_named_by_its_setting(folder, setting):
-    with_weighting = copy.deepcopy(setting)
-    with_weighting["config"]["training"]["aggregation_weight"] = "cases"
-    assert MeasuredModels(RUNS_FOLDER, setting["arm"], with_weighting).folder == folder
+    assert arm_folder(RUNS_FOLDER, setting) == folder
+
+
+@pytest.mark.parametrize(("folder", "setting"), STORED, ids=[f.name for f, _ in STORED])
+def test_each_stored_fedavg_model_is_named_by_its_schedule_and_weighting(folder, setting):
+    """FedAvg models are compared with the folder's centralized ones: they share its budget."""
+    fedavg = sorted(folder.glob("seed-*-fedavg*.json"))
+    assert fedavg, f"{folder.name} holds no FedAvg model"
+    for path in fedavg:
+        match = FEDAVG_FILE.fullmatch(path.name)
+        assert match, f"{path.name}: expected seed-K-fedavg-RxS-by-WEIGHT.json"
+        seed, rounds, local_steps, weighting = match.groups()
+        result = json.loads(path.read_text())
+        training = result["training"]
+        assert result["seed"] == int(seed), path.name
+        assert training["rounds"] == int(rounds), path.name
+        assert set(training["steps_per_site"].values()) == {int(rounds) * int(local_steps)}
+        assert int(rounds) * int(local_steps) == setting["budget_steps"], path.name
+        # models measured before the option existed were weighted by steps and do not say so
+        assert training.get("aggregation_weight", "steps") == weighting, path.name
