@@ -384,7 +384,8 @@ def _markdown(summary: dict) -> str:
         f"python benchmarks/quality_algorithms.py --runs {_runs_argument(summary['runs'][1:])} "
         f"--aggregation-weight {summary['aggregation_weight']} "
         f"--seeds {summary['training_seeds']} --cases {synth['cases_per_site']} "
-        f"--validation-fraction {summary['validation_fraction']}"
+        f"--validation-fraction {summary['validation_fraction']} --size {synth['size']} "
+        f"--seed {synth['seed']}"
         + ("" if summary["name"] == "quality_algorithms" else f" --name {summary['name']}")
     )
     seconds = ", ".join(f"{s:.0f}" for s in summary["centralized"]["seconds"])
