@@ -21,8 +21,11 @@ from benchmarks.quality import (
     model_setting,
     run_config,
 )
+from fedseg.config import AGGREGATION_WEIGHTS
 
-FEDAVG_FILE = re.compile(r"seed-(\d+)-fedavg-(\d+)x(\d+)-by-(cases|steps)\.json")
+FEDAVG_FILE = re.compile(
+    rf"seed-(\d+)-fedavg-(\d+)x(\d+)-by-({'|'.join(AGGREGATION_WEIGHTS)})\.json"
+)
 STORED = [
     (folder, json.loads((folder / "setting.json").read_text()))
     for folder in sorted(RUNS_FOLDER.glob("*-*"))
@@ -37,7 +40,7 @@ def test_the_default_measurement_of_each_arm_is_stored(arm):
     )
     expected = model_setting(defaults, config)
     matching = [
-        folder
+        (folder, setting)
         for folder, setting in STORED
         if setting["arm"] == arm and all(setting[key] == value for key, value in expected.items())
     ]
@@ -46,12 +49,14 @@ def test_the_default_measurement_of_each_arm_is_stored(arm):
         "a default changed since, and `python benchmarks/quality.py` would measure every model "
         "again; keep the default, or re-measure and remove the old folder"
     )
-    (folder,) = matching
-    store = MeasuredModels(RUNS_FOLDER, json.loads((folder / "setting.json").read_text()), config)
-    missing = [run for run in arm_runs(0, 1) if not store.path(run).is_file()]
-    assert not missing, (
-        f"{folder.name} lacks {[store.path(run).name for run in missing]}: the default FedAvg "
-        "schedule or weighting changed since its models were measured"
+    missing = {}
+    for folder, setting in matching:
+        store = MeasuredModels(RUNS_FOLDER, setting, config)
+        paths = [store.path(run) for run in arm_runs(0, 1)]
+        missing[folder.name] = [path.name for path in paths if not path.is_file()]
+    assert not all(missing.values()), (
+        f"{missing}: the default FedAvg schedule or weighting changed since these models were "
+        "measured"
     )
 
 
@@ -73,7 +78,9 @@ def test_each_stored_fedavg_model_is_named_by_its_schedule_and_weighting(folder,
         training = result["training"]
         assert result["seed"] == int(seed), path.name
         assert training["rounds"] == int(rounds), path.name
-        assert set(training["steps_per_site"].values()) == {int(rounds) * int(local_steps)}
+        assert set(training["steps_per_site"].values()) == {int(rounds) * int(local_steps)}, (
+            path.name
+        )
         assert int(rounds) * int(local_steps) == setting["budget_steps"], path.name
         # models measured before the option existed were weighted by steps and do not say so
         assert training.get("aggregation_weight", "steps") == weighting, path.name
