@@ -2,7 +2,8 @@
 
 A NIfTI image is identified by its path relative to the ingested folder (the manifest's
 ``series_uid`` column may name it). ``X_seg.nii.gz``, ``X_label.nii.gz``, ``X_labels.nii.gz``
-or ``X_mask.nii.gz`` beside ``X.nii.gz`` is taken as X's label and is not ingested as an image.
+or ``X_mask.nii.gz`` beside ``X.nii.gz`` is taken as X's label and is not ingested as an image;
+neither is a file that the manifest names as a label.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ def nifti_stem(path: Path) -> str:
     return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
 
 
-def pair_labels(paths: list[Path]) -> tuple[list[Path], dict[Path, Path]]:
+def pair_labels(
+    paths: list[Path], named_labels: frozenset[Path] = frozenset()
+) -> tuple[list[Path], dict[Path, Path]]:
     """Splits NIfTI files into images and labels paired by name.
 
     Args:
         paths: NIfTI files of one folder tree.
+        named_labels: Label files named elsewhere (the manifest's), resolved: never images.
 
     Returns:
         The images, and a map from image to its label file.
@@ -52,7 +56,7 @@ def pair_labels(paths: list[Path]) -> tuple[list[Path], dict[Path, Path]]:
             if stem.endswith(suffix) and image is not None:
                 labels[image] = path
                 label_files.add(path)
-    images = [p for p in paths if p not in label_files]
+    images = [p for p in paths if p not in label_files and p.resolve() not in named_labels]
     return images, labels
 
 

@@ -184,7 +184,8 @@ def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestRe
             decide(group, options.modality, options.resample_gaps, options.resample_tilt)
             for group in group_frames(frames)
         ]
-        images, paired = pair_labels(niftis)
+        named_labels = frozenset(entry.label.resolve() for entry in manifest.values())
+        images, paired = pair_labels(niftis, named_labels)
         jobs = []
         for decision in decisions:
             case_id = _dicom_case_id(decision)

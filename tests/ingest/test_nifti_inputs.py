@@ -1,6 +1,7 @@
 """NIfTI volumes in the ingested folder: checked, paired with labels, canonicalized."""
 
 import gzip
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -57,6 +58,27 @@ def test_image_and_paired_label_are_canonicalized_together(tmp_path, volume):
         ours = np.rint(np.linalg.solve(image.affine, point)[:3]).astype(int)
         assert np.asarray(image.dataobj)[tuple(ours)] == pytest.approx(values[tuple(voxel)])
         assert np.asarray(seg.dataobj)[tuple(ours)] == label[tuple(voxel)]
+
+
+def test_labels_the_manifest_names_inside_the_input_are_not_images(tmp_path, volume):
+    """An export of images/ and labels/ side by side: each label file labels its image only."""
+    values, label, affine = volume
+    source = tmp_path / "in"
+    for patient in ("p1", "p2"):
+        save(source / "images" / f"{patient}.nii.gz", values, affine)
+        save(source / "labels" / f"{patient}.nii.gz", label, affine)
+    manifest = source / "manifest.csv"
+    manifest.write_text(
+        "case_id,series_uid,label\n"
+        "p1,images/p1.nii.gz,labels/p1.nii.gz\n"
+        "p2,images/p2.nii.gz,./labels/../labels/p2.nii.gz\n"
+    )
+    report = run_ingest(source, tmp_path / "out", manifest=manifest)
+    accepted = only(report, "accepted")
+    assert len(accepted) == 2 and all(record["label"] for record in accepted)
+    assert [record["file"] for record in only(report, "skipped")] == ["manifest.csv"]
+    datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
+    assert not datalist["test"]
 
 
 @pytest.mark.parametrize(

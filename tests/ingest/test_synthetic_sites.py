@@ -165,6 +165,24 @@ def test_a_series_removed_from_the_source_leaves_the_dataset(hospitals, tmp_path
     assert images == {Path(r["output"]).name for r in second.records}
 
 
+def test_a_site_folder_holding_series_labels_and_manifest_ingests_each_series_once(
+    hospitals, tmp_path
+):
+    """The manifest's label files may lie inside the input folder: they are labels, not cases."""
+    out, sites = hospitals
+    site = next(site for site in sites if site.name == "site-1")
+    source = tmp_path / "site-1"
+    for part in ("dicom", "labels"):
+        shutil.copytree(out / "site-1" / part, source / part)
+    shutil.copy(out / "site-1" / "manifest.csv", source)
+    report = run_ingest(source, tmp_path / "out", manifest=source / "manifest.csv")
+    accepted = only(report, "accepted")
+    assert len(accepted) == len(site.cases)
+    assert all(record["modality"] == "MR" and record["label"] for record in accepted)
+    datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
+    assert not datalist["test"]
+
+
 def test_enhanced_multiframe_mr_matches_its_single_frame_original(hospitals, tmp_path):
     """highdicom converts site-3's oblique series to one enhanced MR file; both ingest alike."""
     out, _ = hospitals
