@@ -180,3 +180,22 @@ def apply_to_dataset(artifact: dict, dataset: Path, output: Path) -> list[Path]:
         save_nifti_atomic(nifti_image(harmonized, nib.load(path).affine), target)
         written.append(target)
     return written
+
+
+def check_artifact_modality(artifact: dict, dataset: Path) -> None:
+    """Refuses an artifact fitted on another modality than a dataset's images.
+
+    Args:
+        artifact: A verified harmonization artifact.
+        dataset: Folder written by ``fedseg ingest``.
+
+    Raises:
+        HarmonizationError: If the dataset's modality is not the artifact's, or the dataset
+            holds no or several modalities.
+    """
+    modality = dataset_modality(dataset)
+    if modality != artifact["modality"]:
+        raise HarmonizationError(
+            f"{dataset}: holds {modality} images, but the harmonization artifact was fitted on "
+            f"{artifact['modality']} images; fit an artifact on {modality} data"
+        )

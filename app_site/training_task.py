@@ -30,6 +30,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from app_site.engine import CaseMetrics, SegmentationEngine
+from app_site.harmonization import check_artifact_modality
 from app_site.site_config import site_dataset
 from fedseg.config import ConfigError, RunConfig, load_config
 from fedseg.files import write_json_atomic
@@ -182,13 +183,14 @@ def run(script_folder: Path) -> None:
     site = flare.get_site_name()
     manifest = json.loads((job_folder / JOB_MANIFEST_FILE).read_text())
     config = load_job_config(job_folder, manifest)
+    dataset = site_dataset(site)
     harmonization = None
     if manifest.get("harmonization_hash"):
         artifact = read_harmonization_artifact(
             job_folder / ARTIFACT_FILE, expected_hash=manifest["harmonization_hash"]
         )
+        check_artifact_modality(artifact, dataset)
         harmonization = artifact_transform(artifact)
-    dataset = site_dataset(site)
     engine = SegmentationEngine(config, dataset, harmonization)
     run_folder = Path.cwd() / flare.get_job_id()  # in a deployment, the job's folder in the kit
     metrics_path = (run_folder if run_folder.is_dir() else Path.cwd()) / METRICS_FILE.format(

@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except (
         ValueError,
-        FileNotFoundError,
+        OSError,  # a missing file, a folder where a file is meant (or the reverse), no permission
         SynthCheckError,
         LabelError,
         HarmonizationError,

@@ -35,13 +35,13 @@ from app_server.federation import (
 )
 from app_server.report import write_reports
 from app_server.site_reports import SITE_REPORTS_FILE, read_site_reports, with_rejoined_sites
-from app_site.harmonization import dataset_modality
+from app_site.harmonization import check_artifact_modality, dataset_modality
 from app_site.site_config import shared_host_threads, site_dataset, site_environment_variable
 from fedseg.config import RunConfig
 from fedseg.harmonization import HarmonizationConfig, read_harmonization_artifact
 from jobs.harmonization import HarmonizationRecipe, find_artifact
 from jobs.resume import ResumePoint, find_resume_point
-from jobs.segmentation import segmentation_recipe
+from jobs.segmentation import checked_artifact_hash, segmentation_recipe
 
 
 def site_names(count: int) -> list[str]:
@@ -121,19 +121,60 @@ def run_job(
         ``federation.html``.
 
     Raises:
-        ValueError: If fewer datasets than ``training.min_sites`` are given.
+        ValueError: If fewer datasets than ``training.min_sites`` are given, or the artifact
+            does not fit the configuration (:func:`jobs.segmentation.checked_artifact_hash`).
+        FileNotFoundError: If a dataset folder holds no ``datalist.json``.
+        HarmonizationError: If the artifact was fitted on another modality than a dataset's.
         RuntimeError: If a site's validation results are missing.
     """
-    if len(datasets) < config.training.min_sites:
-        raise ValueError(
-            f"{len(datasets)} site(s) given, the configuration needs {config.training.min_sites}"
-        )
+    check_enough_sites(len(datasets), config.training.min_sites)
+    for dataset in datasets:
+        if not (Path(dataset) / "datalist.json").is_file():
+            raise FileNotFoundError(
+                f"{dataset}: holds no datalist.json; give each --site a dataset folder written "
+                "by fedseg ingest"
+            )
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     harmonization_artifact = _harmonization_for(
         config, harmonization_artifact, lambda: fit_harmonization(config, datasets, workdir)
     )
+    if harmonization_artifact is not None:
+        artifact = read_harmonization_artifact(harmonization_artifact)
+        for dataset in datasets:
+            check_artifact_modality(artifact, dataset)
     return _simulate(segmentation_recipe(config, harmonization_artifact), datasets, workdir)
+
+
+def check_encryption(federation: Federation, encryption: str) -> None:
+    """Refuses a job whose updates need HE contexts the federation's sites do not hold.
+
+    Raises:
+        ValueError: If ``encryption`` is neither ``none`` nor the federation's.
+    """
+    if encryption not in ("none", federation.encryption):
+        raise ValueError(
+            f"the federation was provisioned for {federation.encryption} encryption, so its "
+            f"sites hold no {encryption} HE contexts; submit with --encryption "
+            f"{federation.encryption} (or none), or provision the federation for {encryption}"
+        )
+
+
+def check_enough_sites(sites: int, min_sites: int) -> None:
+    """Refuses a job that could never make a round with the sites it has.
+
+    Args:
+        sites: How many sites the job runs on.
+        min_sites: The fewest updates that make a round (``training.min_sites``).
+
+    Raises:
+        ValueError: If there are fewer sites than ``min_sites``.
+    """
+    if sites < min_sites:
+        raise ValueError(
+            f"{sites} site(s) take part, but training.min_sites is {min_sites}: no round "
+            "could complete; add sites or lower training.min_sites"
+        )
 
 
 def resume_job(run_folder: Path, datasets: Sequence[Path], workdir: Path) -> Path:
@@ -200,13 +241,11 @@ def write_job_reports(
 
 
 def _harmonization_for(config: RunConfig, artifact: Path | None, fit) -> Path | None:
-    """The job's artifact: the given one (checked), a fitted one, or none when not asked for."""
-    if config.harmonization.method == "none":
-        return None
-    if artifact is None:
+    """The job's artifact: the given one or a fitted one (checked), or none when not asked for."""
+    if config.harmonization.method != "none" and artifact is None:
         artifact = fit()
-    read_harmonization_artifact(artifact)  # refuse a broken one before any training
-    return Path(artifact)
+    checked_artifact_hash(config, artifact)  # refuse a broken or mismatched one before training
+    return None if artifact is None else Path(artifact)
 
 
 def read_cross_site_results(result: Path, sites: Sequence[str]) -> dict:
@@ -245,11 +284,20 @@ def export_job(
             provisioned HE contexts.
 
     Returns:
-        The job folder (the one holding ``meta.json``).
+        The job folder (``output/<job name>``, holding ``meta.json``).
     """
-    recipe = segmentation_recipe(config, harmonization_artifact, encryption=encryption)
+    return export_recipe(segmentation_recipe(config, harmonization_artifact, encryption), output)
+
+
+def export_recipe(recipe: Recipe, output: Path) -> Path:
+    """Exports a recipe into ``output``, replacing an earlier export of the same job.
+
+    Returns:
+        The job folder, ``output/<job name>`` (absolute); other folders in ``output`` are
+        left alone.
+    """
     recipe.export(str(output))
-    return next(path.parent for path in Path(output).rglob("meta.json"))
+    return Path(output).resolve() / recipe.name
 
 
 def run_in_federation(
@@ -279,12 +327,16 @@ def run_in_federation(
         The ``report`` folder.
 
     Raises:
+        ValueError: If the federation has fewer sites than ``training.min_sites``, was
+            provisioned for another encryption, or the artifact does not fit the configuration.
         RuntimeError: If a job fails or its validation results are missing.
     """
+    sites = federation.sites
+    check_enough_sites(len(sites), config.training.min_sites)
+    encryption = encryption or federation.encryption
+    check_encryption(federation, encryption)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    sites = federation.sites
-    encryption = encryption or federation.encryption
 
     def fit() -> Path:
         fit_config = HarmonizationConfig(
@@ -327,8 +379,12 @@ def resume_in_federation(
         The ``report`` folder.
 
     Raises:
+        ValueError: If the federation has fewer sites than the job's minimum, or was
+            provisioned for another encryption.
         RuntimeError: If the resumed job fails or its validation results are missing.
     """
+    check_enough_sites(len(federation.sites), point.min_sites)
+    check_encryption(federation, point.encryption)
     recipe = segmentation_recipe(point.config, resume=point)
     result = submit_and_fetch(federation, recipe, Path(workdir).resolve() / "segmentation", on_poll)
     return write_job_reports(result, Path(workdir) / "report", federation.sites, point.encryption)
@@ -391,8 +447,7 @@ def export_resumed_job(run_folder: Path, output: Path) -> tuple[Path, ResumePoin
         The job folder and where it resumes.
     """
     point = find_resume_point(run_folder)
-    segmentation_recipe(point.config, resume=point).export(str(output))
-    return next(path.parent for path in Path(output).rglob("meta.json")), point
+    return export_recipe(segmentation_recipe(point.config, resume=point), output), point
 
 
 def server_run_folder(federation: Federation, job_id: str) -> Path:
@@ -414,8 +469,7 @@ def submit_and_fetch(
     Raises:
         RuntimeError: If the job did not complete.
     """
-    recipe.export(str(folder / "job"))
-    job_folder = next(path.parent for path in (folder / "job").rglob("meta.json"))
+    job_folder = export_recipe(recipe, folder / "job")
     job_id = submit_job(federation, job_folder)
     name = job_folder.name
     meta = wait_for_job(federation, job_id, lambda m: on_poll and on_poll(name, m))

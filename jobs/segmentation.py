@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -59,6 +60,7 @@ from app_site.he_filters import OutgoingAudit, PackedHEDecryptor, PackedHEEncryp
 from app_site.training_task import ARTIFACT_FILE, JOB_MANIFEST_FILE, RUN_CONFIG_FILE
 from fedseg.config import RunConfig
 from fedseg.files import write_json_atomic
+from fedseg.harmonization import HarmonizationConfig, read_harmonization_artifact
 from fedseg.moments import zero_moments
 from jobs.resume import ResumePoint
 from models.networks import NETWORKS, build_network
@@ -110,17 +112,14 @@ def segmentation_recipe(
         The recipe (execute it in an NVFlare environment, or export it).
 
     Raises:
-        ValueError: If the configuration asks for harmonization and no artifact is given, or
-            the encryption mode is unknown.
+        ValueError: If the artifact does not fit the configuration (see
+            :func:`checked_artifact_hash`), or the encryption mode is unknown.
+        ArtifactError: If the artifact is missing, altered or not a harmonization artifact.
     """
     if resume is not None:
         config, harmonization_artifact = resume.config, resume.harmonization_artifact
         encryption, name, sites = resume.encryption, resume.name, resume.min_sites
-    if config.harmonization.method != "none" and harmonization_artifact is None:
-        raise ValueError(
-            "the configuration asks for harmonization: fit an artifact first "
-            "(fedseg harmonize fit, or let fedseg job run fit it)"
-        )
+    artifact_hash = checked_artifact_hash(config, harmonization_artifact)
     if encryption not in ENCRYPTION_MODES:
         raise ValueError(f"encryption must be one of {ENCRYPTION_MODES}, got {encryption!r}")
     min_sites = sites or config.training.min_sites
@@ -133,6 +132,11 @@ def segmentation_recipe(
     shared_moments = config.training.shared_moments and encryption != "stock"
     if config.training.shared_moments and not shared_moments:
         logger.warning("encryption stock carries the network alone: sites keep their own moments")
+    if encryption == "stock":
+        logger.warning(
+            "encryption stock runs NVFlare's FedAvg workflow: federation.straggler_seconds and "
+            "round_timeout do not apply"
+        )
     weighting = "steps" if encryption == "stock" else config.training.aggregation_weight
     if weighting != config.training.aggregation_weight:
         logger.warning("encryption stock weighs every update by its steps (NVFlare's HE filters)")
@@ -143,7 +147,8 @@ def segmentation_recipe(
         "shared_moments": shared_moments,
         "aggregation_weight": weighting,
     }
-    for path in _job_files(config, harmonization_artifact, settings, staging):
+    artifact = (harmonization_artifact, artifact_hash) if artifact_hash else None
+    for path in _job_files(config, artifact, settings, staging):
         recipe._job.add_file_to(str(path), ALL_SITES)  # Recipe keeps its FedJob private
     # A dict sent to the server becomes server settings of the job's config_fed_server.json.
     interval = config.federation.task_request_interval
@@ -151,7 +156,49 @@ def segmentation_recipe(
     recipe.add_server_input_filter(
         SiteReportFilter(MODE_NAMES[encryption]), tasks=[_TRAIN, _VALIDATE]
     )
+    weakref.finalize(recipe, shutil.rmtree, staging, True)  # once exported or run, or at exit
     return recipe
+
+
+def checked_artifact_hash(config: RunConfig, artifact: Path | None) -> str | None:
+    """Checks that a job's harmonization artifact is intact and fits its configuration.
+
+    Args:
+        config: The run configuration.
+        artifact: The fitted artifact, or ``None``.
+
+    Returns:
+        The artifact's hash, or ``None`` when the configuration asks for no harmonization.
+
+    Raises:
+        ValueError: If the configuration asks for harmonization and no artifact is given, an
+            artifact is given to a configuration without harmonization, or the artifact was
+            fitted with another method or mask than the configuration names.
+        ArtifactError: If the artifact is missing, altered or not a harmonization artifact.
+    """
+    settings = config.harmonization
+    if artifact is None:
+        if settings.method != "none":
+            raise ValueError(
+                "the configuration asks for harmonization: fit an artifact first "
+                "(fedseg harmonize fit, or let fedseg job run fit it)"
+            )
+        return None
+    if settings.method == "none":
+        raise ValueError(
+            f"{artifact}: the configuration's harmonization.method is none; leave the artifact "
+            "out, or set harmonization.method to the method it was fitted with"
+        )
+    document = read_harmonization_artifact(artifact)
+    fitted = HarmonizationConfig.from_dict(document["config"])
+    if (fitted.method, fitted.mask_method) != (settings.method, settings.mask):
+        raise ValueError(
+            f"{artifact}: fitted with method {fitted.method} and mask {fitted.mask_method}, "
+            f"but the configuration's harmonization asks for method {settings.method} and mask "
+            f"{settings.mask}; fit the artifact again with this configuration, or make "
+            "harmonization.method and harmonization.mask name the artifact's"
+        )
+    return document["hash"]
 
 
 def _plaintext_recipe(job: FedJob) -> Recipe:
@@ -303,20 +350,19 @@ def _write_initial_model(config: RunConfig, path: Path, shared_moments: bool = F
 
 
 def _job_files(
-    config: RunConfig, harmonization_artifact: Path | None, settings: dict, staging: Path
+    config: RunConfig, artifact: tuple[Path, str] | None, settings: dict, staging: Path
 ) -> list:
-    """The run configuration, the artifact and the manifest (their hashes and ``settings``)."""
+    """The run configuration, the artifact (path, hash) and the manifest (hashes, ``settings``)."""
     (staging / RUN_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     manifest = {
         "run_config_hash": hashlib.sha256((staging / RUN_CONFIG_FILE).read_bytes()).hexdigest(),
         "harmonization_hash": None,
         **settings,
     }
-    if harmonization_artifact is not None:
-        artifact = json.loads(Path(harmonization_artifact).read_text())
-        manifest["harmonization_hash"] = artifact["hash"]
-        (staging / ARTIFACT_FILE).write_bytes(Path(harmonization_artifact).read_bytes())
+    if artifact is not None:
+        path, manifest["harmonization_hash"] = artifact
+        (staging / ARTIFACT_FILE).write_bytes(Path(path).read_bytes())
     (staging / JOB_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return [staging / RUN_CONFIG_FILE, staging / JOB_MANIFEST_FILE] + (
-        [staging / ARTIFACT_FILE] if harmonization_artifact is not None else []
+        [staging / ARTIFACT_FILE] if artifact is not None else []
     )
