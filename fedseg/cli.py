@@ -659,14 +659,15 @@ def poc_status_command(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Handles ``fedseg demo``."""
+    run_config = load_config(args.config)  # a bad configuration fails before any work
     hospitals = args.workdir / "hospitals"
     config = SynthConfig(out=hospitals, sites=3, cases_per_site=4, size=64)
-    console.rule("1/4  Simulating three hospitals")
+    console.rule("1/5  Simulating three hospitals")
     sites = synthesize_with_progress(config, args.workers)
     console.print(site_table(sites))
-    console.rule("2/4  Verifying every series with SimpleITK")
+    console.rule("2/5  Verifying every series with SimpleITK")
     verify_with_report(config.out)
-    console.rule("3/4  Ingesting each hospital's DICOM folder")
+    console.rule("3/5  Ingesting each hospital's DICOM folder")
     summary = Table(title="Site datasets")
     for header in ("site", "accepted", "rejected", "skipped", "dataset"):
         summary.add_column(header)
@@ -700,7 +701,6 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{federation.kits}; each site reads its dataset from its kit's local folder"
     )
     try:
-        run_config = load_config(args.config)
         console.rule("5/5  Harmonization fit, then FedAvg on encrypted updates (admin API)")
         console.print(
             f"{run_config.training.rounds} rounds of {run_config.model.name}; every update is "
