@@ -31,11 +31,11 @@ def test_bad_arguments_get_a_clear_error_and_no_output(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-
 def test_demo_with_an_unknown_configuration_fails_before_any_work(tmp_path):
     result = run("demo", "--workdir", str(tmp_path / "demo"), "--config", "tinny")
     assert result.returncode == 2 and "tinny: no such file or built-in profile" in result.stderr
     assert not (tmp_path / "demo").exists()
+
 
 def test_demo_runs_end_to_end(tmp_path):
     result = run("demo", "--workdir", str(tmp_path))
