@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 SITE_CONFIG_FILE = "fedseg_site.json"
@@ -85,3 +86,22 @@ def _from_startup_kit(start: Path) -> str | None:
         if config.is_file():
             return str(json.loads(config.read_text())["dataset"])
     return None
+
+
+def check_distinct_datasets(datasets: Sequence[Path]) -> None:
+    """Refuses a dataset folder given twice: it would count as two sites.
+
+    Args:
+        datasets: Dataset folders, one per site.
+
+    Raises:
+        ValueError: If two entries name the same folder (after resolving links and ``..``).
+    """
+    seen: dict[Path, Path] = {}
+    for dataset in datasets:
+        resolved = Path(dataset).resolve()
+        if resolved in seen:
+            raise ValueError(
+                f"{dataset}: the same dataset as {seen[resolved]}; give each site's dataset once"
+            )
+        seen[resolved] = Path(dataset)

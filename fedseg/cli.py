@@ -28,6 +28,7 @@ from app_site.harmonization import (
 from app_site.ingest.labels import LabelError
 from app_site.ingest.pipeline import MODALITIES, IngestOptions, IngestReport, ingest
 from app_site.ingest.series import ACCEPTED
+from app_site.site_config import check_distinct_datasets
 from fedseg import __version__
 from fedseg.artifacts import ArtifactError, write_artifact
 from fedseg.config import load_config
@@ -36,6 +37,7 @@ from fedseg.harmonization import (
     METHODS,
     HarmonizationConfig,
     HarmonizationError,
+    check_method_fits_modality,
     combine_statistics,
     default_method,
     read_harmonization_artifact,
@@ -422,10 +424,12 @@ def ingest_table(report: IngestReport) -> Table:
 
 def run_harmonize_fit(args: argparse.Namespace) -> int:
     """Handles ``fedseg harmonize fit``."""
+    check_distinct_datasets(args.dataset)
     modalities = {dataset_modality(dataset) for dataset in args.dataset}
     if len(modalities) != 1:
         raise HarmonizationError(f"datasets hold different modalities: {sorted(modalities)}")
     modality = modalities.pop()
+    check_method_fits_modality(args.method or default_method(modality), modality)
     config = HarmonizationConfig(
         method=args.method or default_method(modality),
         mask_method=args.mask,

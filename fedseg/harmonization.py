@@ -61,6 +61,23 @@ def default_method(modality: str) -> str:
     raise HarmonizationError(f"no harmonization method for modality {modality!r} (MR or CT)")
 
 
+def check_method_fits_modality(method: str, modality: str) -> None:
+    """Refuses the ``ct`` method (a Hounsfield-unit window) for images that are not CT.
+
+    Args:
+        method: ``nyul``, ``zscore``, ``ct`` or ``none``.
+        modality: The images' modality.
+
+    Raises:
+        HarmonizationError: If ``method`` is ``ct`` and ``modality`` is not.
+    """
+    if method == "ct" and modality != "CT":
+        raise HarmonizationError(
+            f"harmonization method ct windows Hounsfield units, but the images are {modality}; "
+            f"use {default_method(modality)} (the default for {modality})"
+        )
+
+
 @dataclass(frozen=True)
 class HarmonizationConfig:
     """How harmonization is fitted; travels with the job to every site.
@@ -158,8 +175,10 @@ def combine_statistics(
         The artifact payload.
 
     Raises:
-        HarmonizationError: If there are no statistics or they are for another method.
+        HarmonizationError: If there are no statistics, they are for another method, or the
+            method does not fit the modality.
     """
+    check_method_fits_modality(config.method, modality)
     if not statistics:
         raise HarmonizationError("no site sent statistics")
     for site, stats in statistics.items():

@@ -36,9 +36,18 @@ from app_server.federation import (
 from app_server.report import write_reports
 from app_server.site_reports import SITE_REPORTS_FILE, read_site_reports, with_rejoined_sites
 from app_site.harmonization import check_artifact_modality, dataset_modality
-from app_site.site_config import shared_host_threads, site_dataset, site_environment_variable
+from app_site.site_config import (
+    check_distinct_datasets,
+    shared_host_threads,
+    site_dataset,
+    site_environment_variable,
+)
 from fedseg.config import RunConfig
-from fedseg.harmonization import HarmonizationConfig, read_harmonization_artifact
+from fedseg.harmonization import (
+    HarmonizationConfig,
+    check_method_fits_modality,
+    read_harmonization_artifact,
+)
 from jobs.harmonization import HarmonizationRecipe, find_artifact
 from jobs.resume import ResumePoint, find_resume_point
 from jobs.segmentation import checked_artifact_hash, segmentation_recipe
@@ -86,7 +95,9 @@ def fit_harmonization(config: RunConfig, datasets: Sequence[Path], workdir: Path
     fit = HarmonizationConfig(
         method=settings.method, mask_method=settings.mask, min_images=settings.min_images
     )
-    recipe = HarmonizationRecipe(fit, modalities.pop(), min_sites=len(datasets), timeout=600)
+    modality = modalities.pop()
+    check_method_fits_modality(fit.method, modality)
+    recipe = HarmonizationRecipe(fit, modality, min_sites=len(datasets), timeout=600)
     with site_environment(datasets):
         run = recipe.execute(
             SimEnv(
@@ -121,13 +132,15 @@ def run_job(
         ``federation.html``.
 
     Raises:
-        ValueError: If fewer datasets than ``training.min_sites`` are given, or the artifact
+        ValueError: If fewer datasets than ``training.min_sites`` are given, one is given
+            twice, or the artifact
             does not fit the configuration (:func:`jobs.segmentation.checked_artifact_hash`).
         FileNotFoundError: If a dataset folder holds no ``datalist.json``.
         HarmonizationError: If the artifact was fitted on another modality than a dataset's.
         RuntimeError: If a site's validation results are missing.
     """
     check_enough_sites(len(datasets), config.training.min_sites)
+    check_distinct_datasets(datasets)
     for dataset in datasets:
         if not (Path(dataset) / "datalist.json").is_file():
             raise FileNotFoundError(
@@ -345,6 +358,7 @@ def run_in_federation(
             min_images=config.harmonization.min_images,
         )
         modality = _federation_modality(federation)
+        check_method_fits_modality(fit_config.method, modality)
         recipe = HarmonizationRecipe(fit_config, modality, min_sites=len(sites), timeout=1800)
         result = submit_and_fetch(federation, recipe, workdir / "harmonization", on_poll)
         target = workdir / "harmonization.json"

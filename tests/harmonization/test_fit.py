@@ -17,6 +17,7 @@ from app_site.harmonization import (
 from app_site.ingest.pipeline import IngestOptions, ingest
 from app_site.site_config import site_dataset
 from fedseg.artifacts import ArtifactError, write_artifact
+from fedseg.cli import main
 from fedseg.harmonization import (
     ARTIFACT_VERSION,
     HarmonizationConfig,
@@ -212,3 +213,20 @@ def test_cli_fit_apply_check(datasets, tmp_path):
     assert broken.returncode == 2 and "it was altered" in broken.stderr
     refused = run("harmonize", "fit", "--dataset", sites[1], "--out", str(tmp_path / "x.json"))
     assert refused.returncode == 2 and "fewer than the 5" in refused.stderr
+
+
+def test_a_fit_counts_each_dataset_once_and_windows_hounsfield_units_only_on_ct(
+    datasets, tmp_path, capsys
+):
+    site = str(datasets["site-1"])
+    same_again = str(datasets["site-1"] / ".." / datasets["site-1"].name)
+    fit = ["harmonize", "fit", "--out", str(tmp_path / "h.json"), "--min-images", "2"]
+    assert main([*fit, "--dataset", site, "--dataset", same_again]) == 2
+    assert f"the same dataset as {site}" in " ".join(capsys.readouterr().err.split())
+    assert main([*fit, "--dataset", site, "--method", "ct"]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "method ct windows Hounsfield units, but the images are MR" in error
+    assert not (tmp_path / "h.json").exists()
+    config = HarmonizationConfig(method="ct", min_images=1)
+    with pytest.raises(HarmonizationError, match="use nyul"):
+        combine_statistics(config, {"a": site_statistics(datasets["site-1"], config)}, "MR")

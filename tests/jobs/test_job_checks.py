@@ -78,9 +78,12 @@ def test_export_names_its_own_job_folder_and_leaves_no_staging_behind(
     assert not list((tmp_path / "tmp").iterdir()), "the initial model's staging folder is gone"
 
 
-def test_a_site_without_a_dataset_is_refused_before_any_work(datasets, tmp_path):
+def test_a_missing_or_repeated_site_dataset_is_refused_before_any_work(datasets, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing: holds no datalist\.json"):
         run_job(load_config("tiny"), [datasets["site-1"], tmp_path / "missing"], tmp_path / "w")
+    (tmp_path / "link").symlink_to(datasets["site-1"])
+    with pytest.raises(ValueError, match="link: the same dataset as"):
+        run_job(load_config("tiny"), [datasets["site-1"], tmp_path / "link"], tmp_path / "w")
     assert not (tmp_path / "w").exists()
 
 
