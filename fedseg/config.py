@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -22,6 +23,8 @@ LR_SCHEDULES = ("poly", "constant")
 POLY_EXPONENT = 0.9
 #: What a site's update counts for in FedAvg's weighted mean (see :class:`TrainingConfig`).
 AGGREGATION_WEIGHTS = ("steps", "cases")
+#: The tag of YAML's merge key (``<<``), whose keys a mapping may override.
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class ConfigError(ValueError):
@@ -174,6 +177,8 @@ class RunConfig:
 def load_config(source: str | Path) -> RunConfig:
     """Loads a configuration from a YAML file or a built-in profile (``tiny``, ``demo``, ``gpu``).
 
+    An empty file, like an empty section, stands for the defaults.
+
     Args:
         source: Path to a YAML file, or a profile name.
 
@@ -181,7 +186,8 @@ def load_config(source: str | Path) -> RunConfig:
         The validated configuration.
 
     Raises:
-        ConfigError: If the file is missing or malformed, a key is unknown or a value invalid.
+        ConfigError: If the file is missing or malformed, a key is unknown or repeated, or a
+            value invalid.
     """
     path = Path(source)
     if not path.is_file():
@@ -190,18 +196,66 @@ def load_config(source: str | Path) -> RunConfig:
             names = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
             raise ConfigError(f"{source}: no such file or built-in profile (profiles: {names})")
         path = profile
+    loader = _UniqueKeyLoader(path.read_text(), str(path))
     try:
-        document = yaml.safe_load(path.read_text()) or {}
+        document = loader.get_single_data()
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
+    finally:
+        loader.dispose()
     return config_from_dict(document, str(path))
 
 
-def config_from_dict(document: dict, where: str = "configuration") -> RunConfig:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice in one mapping.
+
+    Plain YAML keeps the last one, so a second ``training:`` block would silently drop the
+    first block's settings. Keys a merge (``<<``) brings in may still be overridden.
+    """
+
+    def __init__(self, text: str, where: str):
+        super().__init__(text)
+        self.name = where  # marks in YAML errors name the file
+        self.duplicates: list[tuple[int, str]] = []  # (line, problem)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """Notes each key seen before in the same mapping, then builds the mapping."""
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in first_lines:
+                self.duplicates.append(
+                    (
+                        line,
+                        f"duplicate key {key} on line {line} (first on line {first_lines[key]};"
+                        " YAML would keep only the last)",
+                    )
+                )
+            else:
+                first_lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        """Builds the document, then reports every duplicate key together, in file order.
+
+        Raises:
+            ConfigError: If a mapping repeats a key.
+        """
+        document = super().construct_document(node)
+        if self.duplicates:
+            problems = [problem for _, problem in sorted(self.duplicates)]
+            raise ConfigError(f"{self.name}: " + "; ".join(problems))
+        return document
+
+
+def config_from_dict(document: dict | None, where: str = "configuration") -> RunConfig:
     """Validates a plain dict into a :class:`RunConfig`.
 
     Args:
-        document: Parsed YAML.
+        document: Parsed YAML; ``None`` (an empty file), like a section that is ``None`` (one
+            whose keys are all commented out), stands for the defaults.
         where: Name of the source, for error messages.
 
     Returns:
@@ -215,9 +269,13 @@ def config_from_dict(document: dict, where: str = "configuration") -> RunConfig:
     return config
 
 
-def _build(cls: type, values: Any, where: str, prefix: str) -> Any:
+def _build(cls: type, values: Any, where: str, name: str) -> Any:
+    """The dataclass ``cls`` from the mapping ``values`` found at ``name`` ("" at the top)."""
+    if values is None:
+        values = {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping")
+        raise ConfigError(f"{where}: {name or 'top level'} must be a mapping, got {values!r}")
+    prefix = f"{name}." if name else ""
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     for key in values:
@@ -229,90 +287,172 @@ def _build(cls: type, values: Any, where: str, prefix: str) -> Any:
     for key, value in values.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            arguments[key] = _build(hint, value, where, f"{prefix}{key}.")
+            arguments[key] = _build(hint, value, where, f"{prefix}{key}")
         else:
             arguments[key] = _coerce(value, hint, where, f"{prefix}{key}")
     return cls(**arguments)
 
 
+#: What a value of each field type must be, for error messages.
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+#: The same for the items of a tuple field.
+_EXPECTED_ITEMS = {int: "integers", float: "numbers"}
+
+
 def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
-    origin = getattr(hint, "__origin__", None)
-    try:
-        if origin is tuple:
-            item_type = hint.__args__[0]
-            if not isinstance(value, list | tuple) or len(value) != len(hint.__args__):
-                raise TypeError(f"a list of {len(hint.__args__)} numbers")
-            return tuple(item_type(v) for v in value)
-        if hint is bool:
-            if not isinstance(value, bool):
-                raise TypeError("true or false")
-            return value
-        if hint in (int, float, str):
-            if isinstance(value, bool) or (hint is int and isinstance(value, float)):
-                raise TypeError(hint.__name__)
-            return hint(value)
-        if hint is dict:
-            if not isinstance(value, dict):
-                raise TypeError("a mapping")
+    """``value`` as a ``hint`` (a scalar type, ``dict`` or a tuple of one scalar type)."""
+    if getattr(hint, "__origin__", None) is tuple:
+        item_type, length = hint.__args__[0], len(hint.__args__)
+        expected = f"a list of {length} {_EXPECTED_ITEMS[item_type]}"
+        if isinstance(value, list | tuple) and len(value) == length:
+            try:
+                return tuple(_scalar(v, item_type) for v in value)
+            except (TypeError, ValueError):
+                pass
+    elif hint is dict:
+        expected = "a mapping"
+        if isinstance(value, dict):
             return dict(value)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where}: {key} must be {error}, got {value!r}") from error
-    return value
+    else:
+        expected = _EXPECTED[hint]
+        try:
+            return _scalar(value, hint)
+        except (TypeError, ValueError):
+            pass
+    shown = list(value) if isinstance(value, tuple) else value
+    raise ConfigError(f"{where}: {key} must be {expected}, got {shown!r}")
+
+
+def _scalar(value: Any, hint: type) -> Any:
+    """``value`` as a ``hint`` scalar: a bool only from a bool, never an int from a float.
+
+    Strings convert as Python converts them (PyYAML reads ``1e-4``, without a dot, as one).
+
+    Raises:
+        TypeError: If ``value`` has a type ``hint`` refuses.
+        ValueError: If a string does not convert.
+    """
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if isinstance(value, bool) or (hint is int and isinstance(value, float)):
+        raise TypeError(value)
+    return hint(value)
 
 
 def _check_values(config: RunConfig, where: str) -> None:
-    from models.networks import NETWORKS
+    """Checks every value against its allowed values or range, reporting all problems at once.
 
-    problems = []
-    if config.model.name not in NETWORKS:
-        problems.append(f"model.name must be one of {sorted(NETWORKS)}")
-    if min(config.data.spacing) <= 0:
-        problems.append("data.spacing must be positive")
-    if min(config.data.roi_size) < 16 or any(s % 16 for s in config.data.roi_size):
-        problems.append("data.roi_size must be multiples of 16, at least 16")
-    if not 0.0 <= config.data.cache_rate <= 1.0:
-        problems.append("data.cache_rate must be in [0, 1]")
-    if config.data.num_workers < 0:
-        problems.append("data.num_workers must be at least 0")
-    if config.harmonization.method not in ("nyul", "zscore", "ct", "none"):
-        problems.append("harmonization.method must be nyul, zscore, ct or none")
+    Every float must be finite first (``nan`` fails no comparison, so no range check would
+    catch it); each key reports its first problem only.
+
+    Raises:
+        ConfigError: Naming each key whose value cannot be used, and why.
+    """
+    import torch
+
+    from models.networks import INPUT_CHANNELS, NETWORKS, REGION_CHANNELS, build_network
+    from transforms.masks import MASK_METHODS
+
+    problems: dict[str, str] = {}
+
+    def require(key: str, ok: bool, requirement: str) -> None:
+        """Notes a problem with ``key`` (``section.name[.argument]``) unless ``ok``."""
+        if not ok:
+            value: Any = config
+            for part in key.split("."):
+                value = value[part] if isinstance(value, dict) else getattr(value, part)
+            shown = list(value) if isinstance(value, tuple) else value
+            problems.setdefault(key, f"{key} must be {requirement}, got {shown!r}")
+
+    for section in fields(config):
+        settings = getattr(config, section.name)
+        for name, hint in get_type_hints(type(settings)).items():
+            if float in (hint, *getattr(hint, "__args__", ())):
+                value = getattr(settings, name)
+                items = value if isinstance(value, tuple) else (value,)
+                require(f"{section.name}.{name}", all(map(math.isfinite, items)), "finite")
+
+    model, network = config.model, None
+    require("model.name", model.name in NETWORKS, f"one of {', '.join(sorted(NETWORKS))}")
+    if model.name in NETWORKS:
+        for argument, channels, what in (
+            ("in_channels", INPUT_CHANNELS, "the data pipeline feeds one image channel"),
+            ("out_channels", REGION_CHANNELS, "the pipeline predicts the three BraTS regions"),
+        ):
+            if argument in model.args:
+                value = model.args[argument]
+                ok = type(value) is int and value == channels
+                require(f"model.args.{argument}", ok, f"{channels} ({what})")
+        try:
+            with torch.device("meta"):  # parameters without storage: no memory, no time
+                network = build_network(model.name, **model.args)
+        except Exception as error:  # whatever MONAI or PyTorch refuse the arguments with
+            problems.setdefault("model.args", f"model.args: {error}")
+    data = config.data
+    require("data.spacing", min(data.spacing) > 0, "positive")
+    divisor = getattr(network, "size_divisor", 1)
+    require(
+        "data.roi_size",
+        all(s > 0 and s % divisor == 0 for s in data.roi_size),
+        "positive"
+        if network is None
+        else f"positive multiples of {divisor} "
+        f"(the total downsampling of model {model.name} with these model.args)",
+    )
+    require("data.cache_rate", 0.0 <= data.cache_rate <= 1.0, "in [0, 1]")
+    require("data.num_workers", data.num_workers >= 0, "at least 0")
+    harmonization = config.harmonization
+    require(
+        "harmonization.method",
+        harmonization.method in ("nyul", "zscore", "ct", "none"),
+        "nyul, zscore, ct or none",
+    )
+    require(
+        "harmonization.mask",
+        harmonization.mask in MASK_METHODS,
+        f"one of {', '.join(MASK_METHODS)}",
+    )
+    require("harmonization.min_images", harmonization.min_images >= 1, "at least 1")
     training = config.training
-    if training.optimizer not in ("adamw", "sgd"):
-        problems.append("training.optimizer must be adamw or sgd")
+    require("training.optimizer", training.optimizer in ("adamw", "sgd"), "adamw or sgd")
     if training.shared_moments and training.optimizer != "adamw":
-        problems.append("training.shared_moments needs training.optimizer adamw")
-    if training.learning_rate <= 0:
-        problems.append("training.learning_rate must be positive")
-    if training.lr_schedule not in LR_SCHEDULES:
-        problems.append(f"training.lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
-    if training.aggregation_weight not in AGGREGATION_WEIGHTS:
-        problems.append(
-            f"training.aggregation_weight must be one of {', '.join(AGGREGATION_WEIGHTS)}"
+        problems.setdefault(
+            "training.shared_moments", "training.shared_moments needs training.optimizer adamw"
         )
+    require("training.learning_rate", training.learning_rate > 0, "positive")
+    require("training.weight_decay", training.weight_decay >= 0, "at least 0")
+    require(
+        "training.lr_schedule",
+        training.lr_schedule in LR_SCHEDULES,
+        f"one of {', '.join(LR_SCHEDULES)}",
+    )
+    require(
+        "training.aggregation_weight",
+        training.aggregation_weight in AGGREGATION_WEIGHTS,
+        f"one of {', '.join(AGGREGATION_WEIGHTS)}",
+    )
     for name in ("local_steps", "batch_size", "rounds", "min_sites"):
-        if getattr(training, name) < 1:
-            problems.append(f"training.{name} must be at least 1")
-    if training.device not in ("auto", "cpu", "cuda"):
-        problems.append("training.device must be auto, cpu or cuda")
+        require(f"training.{name}", getattr(training, name) >= 1, "at least 1")
+    require("training.device", training.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
     federation = config.federation
     for name in ("straggler_seconds", "round_timeout"):
-        if getattr(federation, name) < 0:
-            problems.append(f"federation.{name} must be at least 0")
+        require(f"federation.{name}", getattr(federation, name) >= 0, "at least 0")
     for name in ("max_update_ratio", "outlier_factor"):
-        if getattr(federation, name) <= 1.0:
-            problems.append(f"federation.{name} must be above 1")
-    if federation.task_request_interval <= 0:
-        problems.append("federation.task_request_interval must be positive")
+        require(f"federation.{name}", getattr(federation, name) > 1.0, "above 1")
+    require("federation.task_request_interval", federation.task_request_interval > 0, "positive")
     validation = config.validation
     for name in ("every_rounds", "sw_batch_size"):
-        if getattr(validation, name) < 1:
-            problems.append(f"validation.{name} must be at least 1")
-    if not 0.0 <= validation.overlap < 1.0:
-        problems.append("validation.overlap must be in [0, 1)")
-    if validation.mode not in ("constant", "gaussian"):
-        problems.append("validation.mode must be constant or gaussian")
+        require(f"validation.{name}", getattr(validation, name) >= 1, "at least 1")
+    require("validation.overlap", 0.0 <= validation.overlap < 1.0, "in [0, 1)")
+    require(
+        "validation.mode",
+        validation.mode in ("constant", "gaussian"),
+        "constant or gaussian",
+    )
     if problems:
-        raise ConfigError(f"{where}: " + "; ".join(problems))
+        raise ConfigError(f"{where}: " + "; ".join(problems.values()))
 
 
 def _plain(value: Any) -> Any:

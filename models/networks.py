@@ -8,6 +8,7 @@ independent sigmoid channels.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from monai.networks.nets import SegResNet, UNet
@@ -15,6 +16,9 @@ from torch import nn
 
 #: Region channels the networks predict, in order (see :mod:`transforms.regions`).
 REGION_CHANNELS = 3
+#: Image channels the data pipeline feeds the networks: each case is one 3D volume (what
+#: ``fedseg ingest`` writes), loaded channel-first (:func:`app_site.engine.build_transforms`).
+INPUT_CHANNELS = 1
 
 
 class BratsSegResNet(SegResNet):
@@ -31,7 +35,7 @@ class BratsSegResNet(SegResNet):
 
     def __init__(
         self,
-        in_channels: int = 1,
+        in_channels: int = INPUT_CHANNELS,
         out_channels: int = REGION_CHANNELS,
         init_filters: int = 16,
         blocks_down: Sequence[int] = (1, 2, 2, 4),
@@ -54,6 +58,15 @@ class BratsSegResNet(SegResNet):
         self.blocks_up = list(blocks_up)
         self.dropout_prob = dropout_prob
 
+    @property
+    def size_divisor(self) -> int:
+        """Total downsampling: each encoder stage after the first halves the volume.
+
+        Every side of an input must be a multiple of it, so that the decoder's upsampled
+        features line up with the encoder's.
+        """
+        return 2 ** (len(self.blocks_down) - 1)
+
 
 class SmallUNet(UNet):
     """A small residual 3D UNet that trains on two CPU cores in minutes.
@@ -68,7 +81,7 @@ class SmallUNet(UNet):
 
     def __init__(
         self,
-        in_channels: int = 1,
+        in_channels: int = INPUT_CHANNELS,
         out_channels: int = REGION_CHANNELS,
         channels: Sequence[int] = (8, 16, 32),
         strides: Sequence[int] = (2, 2),
@@ -89,7 +102,19 @@ class SmallUNet(UNet):
         self.strides = list(strides)
         self.num_res_units = num_res_units
 
+    @property
+    def size_divisor(self) -> int:
+        """Total downsampling: the product of the strides in use (one per level but the last).
 
+        Every side of an input must be a multiple of it, so that each skip connection's
+        features line up with the upsampled ones. MONAI ignores strides beyond
+        ``len(channels) - 1``; so does this.
+        """
+        return math.prod(self.strides[: len(self.channels) - 1])
+
+
+#: The networks by name. Each has a ``size_divisor`` property: its total downsampling factor,
+#: which every side of an input (``data.roi_size``) must be a multiple of.
 NETWORKS: dict[str, type[nn.Module]] = {"segresnet": BratsSegResNet, "unet": SmallUNet}
 
 

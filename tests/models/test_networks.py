@@ -60,3 +60,27 @@ def test_bundle_metadata_matches_the_code():
     for region, labels in REGIONS.items():
         assert tuple(metadata["regions"][region]["labels"]) == labels
     assert metadata["outputs"]["pred"]["num_channels"] == len(REGIONS)
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments", "divisor"),
+    [
+        ("segresnet", {}, 8),
+        ("segresnet", {"blocks_down": [1, 2], "blocks_up": [1]}, 2),
+        ("unet", {}, 4),
+        ("unet", {"channels": [4, 8, 16, 32, 64, 128], "strides": [2, 2, 2, 2, 2]}, 32),
+        ("unet", {"channels": [4, 8, 16], "strides": [2, 3, 2]}, 6),  # MONAI drops the last
+    ],
+)
+@pytest.mark.filterwarnings("ignore:`len\\(strides\\) > len\\(channels\\) - 1`")
+def test_inputs_must_divide_by_the_total_downsampling(name, arguments, divisor):
+    """On the meta device: shapes are computed, nothing is allocated."""
+    with torch.device("meta"):
+        network = build_network(name, in_channels=1, **arguments)
+    assert network.size_divisor == divisor
+    side = 2 * divisor
+    output = network(torch.zeros(1, 1, side, side, side, device="meta"))
+    assert tuple(output.shape) == (1, 3, side, side, side)
+    side += divisor // 2
+    with pytest.raises(RuntimeError):
+        network(torch.zeros(1, 1, side, side, side, device="meta"))
