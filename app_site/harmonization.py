@@ -64,6 +64,11 @@ def dataset_modality(dataset: Path) -> str:
     """
     datalist = json.loads((Path(dataset) / "datalist.json").read_text())
     modalities = sorted(set(datalist.get("modality", {}).values()))
+    if not modalities:
+        raise HarmonizationError(
+            f"{dataset}: datalist.json names no modality (NIfTI inputs hold none); re-ingest "
+            "with --modality MR|CT to declare it"
+        )
     if len(modalities) != 1:
         raise HarmonizationError(
             f"{dataset}: harmonization needs one modality per dataset, found {modalities}"

@@ -149,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--manifest", type=Path, help="CSV case_id,series_uid,label naming label files"
     )
     ingest_command.add_argument(
-        "--modality", choices=MODALITIES, help="accept only this modality (default: both)"
+        "--modality",
+        choices=MODALITIES,
+        help="accept only DICOM series of this modality (default: both); the modality of NIfTI "
+        "inputs, which hold none",
     )
     ingest_command.add_argument(
         "--resample-gaps",
@@ -378,6 +381,16 @@ def run_ingest(args: argparse.Namespace) -> int:
         f"unchanged), {report.count('rejected')} rejected, {report.count('skipped')} skipped; "
         f"details in {report.output / 'qc.json'}"
     )
+    undeclared = sum(
+        1
+        for r in report.records
+        if r["status"] == ACCEPTED and r["series_uid"] is None and not r["modality"]
+    )
+    if undeclared:
+        console.print(
+            f"{undeclared} accepted NIfTI volume(s) have no modality (NIfTI holds none): declare "
+            "it with --modality MR|CT, which fedseg harmonize needs"
+        )
     if accepted == 0:
         error_console.print(
             f"[bold red]fedseg ingest: no series accepted[/] from {args.input}; the reasons "

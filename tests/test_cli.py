@@ -1,6 +1,7 @@
 """The command line as a user runs it: a real process, real files, exit statuses."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,21 @@ def test_rejoining_without_a_running_federation_says_so(tmp_path):
     )
     assert result.returncode != 0
     assert "holds no federation" in result.stdout + result.stderr
+
+
+def test_ingest_into_an_existing_file_is_refused_with_exit_status_2(tmp_path):
+    """Runs this checkout's code (the installed ``fedseg`` may come from another one)."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    (tmp_path / "afile").write_text("keep me")
+    for output in (tmp_path / "afile", tmp_path / "afile" / "dataset"):
+        result = subprocess.run(
+            [sys.executable, "-m", "fedseg.cli", "ingest", "--input", str(tmp_path / "in"),
+             "--output", str(output)],
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "is a file, not a folder; give --output a folder" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert (tmp_path / "afile").read_text() == "keep me"

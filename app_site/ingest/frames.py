@@ -16,17 +16,45 @@ import numpy as np
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 
 #: SOP classes that never hold an image volume to ingest.
 _DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"
 SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+#: Prefix of the radiotherapy SOP classes (RT Image, Dose, Structure Set, Plan, records...).
+_RADIOTHERAPY_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481."
+
+#: Attributes of the image modules: a file holding one of them claims to be an image.
+_IMAGE_ATTRIBUTES = (
+    "ImageType",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+)
 
 
 class UnreadableFileError(Exception):
-    """A DICOM file that cannot be used; the message says why (and holds no patient data)."""
+    """A DICOM file that cannot be used; the message says why (and holds no patient data).
+
+    Attributes:
+        series_uid: SeriesInstanceUID the file carries ('' when unknown): that series lacks
+            the file, so it cannot be complete.
+    """
+
+    def __init__(self, message: str, series_uid: str = "") -> None:
+        """Keeps the message and the series the file belongs to."""
+        super().__init__(message)
+        self.series_uid = series_uid
 
 
 class NotDicomError(UnreadableFileError):
@@ -128,11 +156,13 @@ def read_dicom_file(path: Path) -> DicomFile:
 
     Returns:
         The file's frames, or no frames and ``skip_reason`` for files that hold no image
-        (directories, structured reports, segmentations).
+        (directories, structured reports, segmentations, radiotherapy objects).
 
     Raises:
-        UnreadableFileError: If the file is not DICOM, is truncated inside its header, or lacks
-            the tags needed to place its pixels in space.
+        UnreadableFileError: If the file is not DICOM, is truncated inside its header, claims
+            to be an image but lacks Rows, Columns or pixel data (truncated), or lacks the
+            tags needed to place its pixels in space. ``series_uid`` names its series when
+            the file carries one.
     """
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
@@ -160,8 +190,20 @@ def read_dicom_file(path: Path) -> DicomFile:
         referenced = dataset.get("ReferencedSeriesSequence")
         segmented = str(referenced[0].get("SeriesInstanceUID", "")) if referenced else ""
         return DicomFile(path, sop_class, (), "DICOM SEG object", segmented)
-    if "Rows" not in dataset or "Columns" not in dataset:
-        return DicomFile(path, sop_class, (), "holds no image (no Rows/Columns)")
+    radiotherapy = _radiotherapy_object(dataset, sop_class)
+    if radiotherapy:
+        return DicomFile(path, sop_class, (), f"{radiotherapy}, not a diagnostic image volume")
+    missing = [key for key in ("Rows", "Columns") if key not in dataset]
+    if _ends_before_pixels(dataset, data, stream.tell()):
+        missing.append("PixelData")
+    if missing and _claims_image(dataset, sop_class):
+        raise UnreadableFileError(
+            f"truncated or incomplete image (no {'/'.join(missing)}): copy or export the "
+            "file again",
+            str(series_uid or ""),
+        )
+    if missing:
+        return DicomFile(path, sop_class, (), f"holds no image (no {'/'.join(missing)})")
     has_geometry = (
         "ImagePositionPatient" in dataset or "PerFrameFunctionalGroupsSequence" in dataset
     )
@@ -177,8 +219,44 @@ def read_dicom_file(path: Path) -> DicomFile:
         raw_pixels = _raw_pixels(dataset, data, stream.tell())
         frames = tuple(_frames(path, dataset, digest, raw_pixels))
     except Exception as error:  # pydicom raises many types for malformed elements
-        raise UnreadableFileError(f"image geometry unreadable: {error}") from error
+        raise UnreadableFileError(
+            f"image geometry unreadable: {error}", str(series_uid or "")
+        ) from error
     return DicomFile(path, sop_class, frames, None)
+
+
+def _ends_before_pixels(dataset: Dataset, data: bytes, position: int) -> bool:
+    """Whether the file ends where pydicom stopped before the pixel data: it holds none.
+
+    Unknown (``False``) for a deflated file, whose dataset pydicom reads from another stream.
+    """
+    meta = getattr(dataset, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    return syntax != DeflatedExplicitVRLittleEndian and len(data) <= position
+
+
+def _radiotherapy_object(dataset: Dataset, sop_class: str) -> str:
+    """Describes a radiotherapy object (dose grid, structure set, plan, portal image), or ''.
+
+    Recognized by its SOP class, else by a Modality starting with ``RT``.
+    """
+    if sop_class.startswith(_RADIOTHERAPY_SOP_CLASS):
+        return f"radiotherapy object ({UID(sop_class).name})"
+    modality = str(dataset.get("Modality", "") or "")
+    if modality.startswith("RT"):
+        return f"radiotherapy object (Modality {modality})"
+    return ""
+
+
+def _claims_image(dataset: Dataset, sop_class: str) -> bool:
+    """Whether a file claims to hold an image.
+
+    It does when its SOP class is an image storage class, or, without a SOP class, when it
+    holds a series UID and attributes of the image modules.
+    """
+    if sop_class:
+        return "Image Storage" in UID(sop_class).name
+    return "SeriesInstanceUID" in dataset and any(key in dataset for key in _IMAGE_ATTRIBUTES)
 
 
 def decode_frames(path: Path, raw_pixels: RawPixels | None = None) -> np.ndarray:

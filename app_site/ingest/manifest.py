@@ -23,7 +23,7 @@ class ManifestEntry:
 
 
 def read_manifest(path: Path) -> list[ManifestEntry]:
-    """Reads and validates a manifest.
+    """Reads and validates a manifest (UTF-8, with or without a byte order mark).
 
     Args:
         path: The CSV file.
@@ -38,7 +38,7 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found")
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
         reader = csv.DictReader(handle)
         if tuple(reader.fieldnames or ()) != MANIFEST_HEADER:
             raise ValueError(

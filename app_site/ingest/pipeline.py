@@ -24,7 +24,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -64,7 +64,8 @@ from app_site.ingest.volume import canonical, load_series, save_nifti_atomic, se
 from fedseg.files import write_json_atomic
 
 #: Version of the output format; part of every content hash, so a new version re-converts.
-INGEST_FORMAT_VERSION = 1
+#: 2: NIfTI inputs with integer values are written as int16, like DICOM series.
+INGEST_FORMAT_VERSION = 2
 
 MODALITIES = ("MR", "CT")
 
@@ -93,7 +94,8 @@ class IngestOptions:
         source: Folder to read (recursively); never written to.
         output: Dataset folder to write.
         manifest: Optional ``case_id,series_uid,label`` CSV naming label files.
-        modality: Accept only this modality (``MR`` or ``CT``); ``None`` accepts both.
+        modality: Accept only this modality (``MR`` or ``CT``); ``None`` accepts both. NIfTI
+            inputs, which hold no modality, are recorded with this one.
         resample_gaps: Resample series with missing slices or non-uniform spacing.
         resample_tilt: Resample series with gantry tilt onto an orthogonal grid.
         validation_fraction: Share of labelled cases put in the validation split.
@@ -155,8 +157,8 @@ def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestRe
     Raises:
         FileNotFoundError: If the source folder or the manifest does not exist, or the source
             holds no file at all.
-        ValueError: If the output lies inside the source (or the reverse), or the manifest is
-            malformed.
+        ValueError: If the output lies inside the source (or the reverse), the output or one
+            of its parents is an existing file, or the manifest is malformed.
     """
     source, output = _check_folders(options.source, options.output)
     manifest = {}
@@ -179,13 +181,24 @@ def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestRe
             scanned.append(result)
             if progress:
                 progress("reading", done, len(files))
-        frames, segmentations, niftis = _sort_scan(scanned, source, report)
+        inputs = _sort_scan(scanned, source, report)
         decisions = [
-            decide(group, options.modality, options.resample_gaps, options.resample_tilt)
-            for group in group_frames(frames)
+            _without_unreadable_files(
+                decide(group, options.modality, options.resample_gaps, options.resample_tilt),
+                inputs.unreadable,
+                source,
+            )
+            for group in group_frames(inputs.frames)
         ]
+        segmentations = inputs.segmentations
         named_labels = frozenset(entry.label.resolve() for entry in manifest.values())
-        images, paired = pair_labels(niftis, named_labels)
+        named_images = frozenset(source / series_uid for series_uid in manifest)
+        pairing = pair_labels(inputs.niftis, named_labels, named_images)
+        for orphan, image_name in sorted(pairing.orphans.items()):
+            reason = (
+                f"label file with no image {image_name} beside it; name its image in --manifest"
+            )
+            report.records.append(_file_record(orphan, source, SKIPPED, reason))
         jobs = []
         for decision in decisions:
             case_id = _dicom_case_id(decision)
@@ -201,11 +214,17 @@ def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestRe
                     previous.get(case_id),
                 )
             )
-        for image_path in images:
+        for image_path in pairing.images:
             relative = str(image_path.relative_to(source))
             entry = manifest.get(relative)
-            label_path = entry.label if entry else paired.get(image_path)
+            candidates = pairing.labels.get(image_path, [])
             case_id = _case_id(f"nifti|{relative}")
+            if entry is None and len(candidates) > 1:
+                report.records.append(
+                    _ambiguous_label_record(case_id, relative, candidates, source, options)
+                )
+                continue
+            label_path = entry.label if entry else (candidates[0] if candidates else None)
             jobs.append(
                 pool.submit(
                     _nifti_case,
@@ -228,10 +247,11 @@ def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestRe
             if progress:
                 progress("converting", done, len(jobs))
 
-    found = {d.series_uid for d in decisions} | {str(p.relative_to(source)) for p in images}
+    found = {d.series_uid for d in decisions} | {str(p.relative_to(source)) for p in pairing.images}
     for series_uid, entry in sorted(manifest.items()):
         if series_uid not in found:
-            report.records.append(_missing_series_record(series_uid, entry))
+            unreadable = inputs.unreadable.get(series_uid, [])
+            report.records.append(_missing_series_record(series_uid, entry, unreadable, source))
     for series_uid, objects in sorted(segmentations.items()):
         if series_uid not in found:
             for segmentation in objects:
@@ -246,65 +266,144 @@ def ingest(options: IngestOptions, progress: Progress | None = None) -> IngestRe
 
 @dataclass(frozen=True)
 class _Scanned:
-    """One file's header, or why it has none (passed back from worker processes)."""
+    """One file's header, or why it has none (passed back from worker processes).
+
+    ``series_uid`` is the series an unreadable file belongs to ('' when unknown); ``skipped``
+    marks an error that skips the file (not DICOM, a link to a folder) instead of rejecting it.
+    """
 
     path: Path
     dicom: DicomFile | None = None
     error: str | None = None
-    not_dicom: bool = False
+    skipped: bool = False
+    series_uid: str = ""
+
+
+@dataclass
+class _Inputs:
+    """Scanned files sorted by kind.
+
+    Attributes:
+        frames: Image frames of DICOM files.
+        segmentations: DICOM SEG objects by the series they segment.
+        niftis: NIfTI files.
+        unreadable: Files that belong to a series but cannot be read, by that series' UID.
+    """
+
+    frames: list[Frame] = field(default_factory=list)
+    segmentations: dict[str, list[SegmentationObject]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    niftis: list[Path] = field(default_factory=list)
+    unreadable: dict[str, list[Path]] = field(default_factory=lambda: defaultdict(list))
 
 
 def _input_files(source: Path) -> list[Path]:
-    """Every file under ``source`` to ingest, sorted: regular files and broken links.
+    """Every entry under ``source`` to ingest, sorted: files, broken links, links to folders.
 
-    Hidden files and everything inside hidden folders (``.git``, ``.DS_Store``...) are left out.
+    Links to folders are listed (to be recorded as skipped) but not followed: a link may loop or
+    lead outside ``source``. Hidden files and everything inside hidden folders (``.git``,
+    ``.DS_Store``...) are left out.
     """
     return sorted(
         path
         for path in source.rglob("*")
         if not any(part.startswith(".") for part in path.relative_to(source).parts)
-        and (path.is_file() or (path.is_symlink() and not path.exists()))
+        and (path.is_file() or path.is_symlink())
     )
 
 
 def _scan_file(path: Path, source: Path) -> _Scanned:
+    if path.is_dir():  # a link to a folder (rglob lists links but does not enter them)
+        reason = (
+            "link to a folder, not followed: copy the folder into the input, or ingest the "
+            "folder it points to on its own"
+        )
+        return _Scanned(path, error=reason, skipped=True)
     if is_nifti(path):
         return _Scanned(path)
     try:
         return _Scanned(path, dicom=read_dicom_file(path))
     except NotDicomError as error:
-        return _Scanned(path, error=str(error), not_dicom=True)
+        return _Scanned(path, error=str(error), skipped=True)
     except UnreadableFileError as error:
-        return _Scanned(path, error=str(error))
+        return _Scanned(path, error=str(error), series_uid=error.series_uid)
     except OSError as error:
         return _Scanned(path, error=f"unreadable file ({_error_text(error, source)})")
 
 
-def _sort_scan(
-    scanned: list[_Scanned], source: Path, report: IngestReport
-) -> tuple[list[Frame], dict[str, list[SegmentationObject]], list[Path]]:
-    """Splits scanned files into image frames, SEG objects and NIfTI files; records the rest."""
-    frames: list[Frame] = []
-    segmentations: dict[str, list[SegmentationObject]] = defaultdict(list)
-    niftis = []
+def _sort_scan(scanned: list[_Scanned], source: Path, report: IngestReport) -> _Inputs:
+    """Sorts scanned files by kind and records the files that hold nothing to ingest.
+
+    Unreadable files are recorded and, when they carry a series UID, kept against that series.
+
+    A byte-identical copy of an image file (``IM5 (1).dcm`` beside ``IM5.dcm``) is skipped,
+    naming the copy kept.
+    """
+    inputs = _Inputs()
+    copies = _identical_copies(scanned)
     for item in scanned:
         path, dicom = item.path, item.dicom
         if item.error is not None:
-            status = SKIPPED if item.not_dicom else REJECTED
+            status = SKIPPED if item.skipped else REJECTED
             report.records.append(_file_record(path, source, status, item.error))
+            if item.series_uid:
+                inputs.unreadable[item.series_uid].append(path)
+        elif path in copies:
+            kept = copies[path].relative_to(source)
+            reason = f"byte-identical copy of {kept}: ignored, the series uses that file"
+            report.records.append(_file_record(path, source, SKIPPED, reason))
         elif dicom is None:
-            niftis.append(path)
+            inputs.niftis.append(path)
         elif dicom.segmented_series_uid == "":
             reason = "DICOM SEG without ReferencedSeriesSequence: its series is unknown"
             report.records.append(_file_record(path, source, REJECTED, reason))
         elif dicom.segmented_series_uid:
             segmented = dicom.segmented_series_uid
-            segmentations[segmented].append(SegmentationObject(path, segmented))
+            inputs.segmentations[segmented].append(SegmentationObject(path, segmented))
         elif dicom.skip_reason:
             report.records.append(_file_record(path, source, SKIPPED, dicom.skip_reason))
         else:
-            frames.extend(dicom.frames)
-    return frames, segmentations, niftis
+            inputs.frames.extend(dicom.frames)
+    return inputs
+
+
+def _identical_copies(scanned: list[_Scanned]) -> dict[Path, Path]:
+    """Maps each byte-identical copy of a DICOM image file to the copy kept.
+
+    The copy kept has the shortest name (``IM5.dcm`` rather than ``IM5 (1).dcm``), then the
+    first path.
+    """
+    by_digest: dict[str, list[Path]] = defaultdict(list)
+    for item in scanned:
+        if item.dicom is not None and item.dicom.frames:
+            by_digest[item.dicom.frames[0].file_digest].append(item.path)
+    copies = {}
+    for paths in by_digest.values():
+        kept = min(paths, key=lambda path: (len(path.name), str(path)))
+        copies.update({path: kept for path in paths if path != kept})
+    return copies
+
+
+def _without_unreadable_files(
+    decision: SeriesDecision, unreadable: dict[str, list[Path]], source: Path
+) -> SeriesDecision:
+    """Rejects a series some of whose files are unreadable: it would lack their slices.
+
+    A skipped series (localizer, other modality...) stays skipped.
+    """
+    files = unreadable.get(decision.series_uid)
+    if not files or decision.status == SKIPPED:
+        return decision
+    names = ", ".join(str(path.relative_to(source)) for path in files[:3])
+    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+    reason = (
+        f"{len(files)} file(s) of the series are truncated or unreadable ({names}{more}): "
+        "copy or export the series again"
+    )
+    if decision.status == REJECTED:
+        reason = f"{reason}; {decision.reason}"
+    return replace(decision, status=REJECTED, reason=reason, resampled=False)
 
 
 def _dicom_case_id(decision: SeriesDecision) -> str:
@@ -437,24 +536,9 @@ def _nifti_case(
 
     Every failure, foreseen or not, becomes a rejected record: one case never ends the run.
     """
-    record = {
-        "case_id": case_id,
-        "series_uid": None,
-        "status": ACCEPTED,
-        "reason": "",
-        "output": None,
-        "label": None,
-        "shape": None,
-        "spacing": None,
-        "orientation": None,
-        "oblique": None,
-        "modality": None,
-        "manufacturer": None,
-        "n_files": 1,
-        "n_frames": None,
-        "resampled": False,
-        "content_hash": None,
-    }
+    record = _nifti_record(case_id, options.modality)
+    if options.modality is None:
+        record["reason"] = _UNDECLARED_MODALITY
     try:
         return _convert_nifti(record, path, label_path, options, earlier)
     except NiftiInputError as error:
@@ -467,6 +551,52 @@ def _nifti_case(
     return record, None
 
 
+#: Reason of a NIfTI image accepted without ``--modality``.
+_UNDECLARED_MODALITY = (
+    "modality unknown (NIfTI holds none): declare it with --modality MR|CT, which harmonization "
+    "needs"
+)
+
+
+def _nifti_record(case_id: str, modality: str | None) -> dict:
+    """A NIfTI image's QC record before conversion; its modality is the one declared."""
+    return {
+        "case_id": case_id,
+        "series_uid": None,
+        "status": ACCEPTED,
+        "reason": "",
+        "output": None,
+        "label": None,
+        "shape": None,
+        "spacing": None,
+        "orientation": None,
+        "oblique": None,
+        "modality": modality,
+        "manufacturer": None,
+        "n_files": 1,
+        "n_frames": None,
+        "resampled": False,
+        "content_hash": None,
+    }
+
+
+def _ambiguous_label_record(
+    case_id: str, relative: str, candidates: list[Path], source: Path, options: IngestOptions
+) -> dict:
+    """The rejected record of a NIfTI image with several candidate label files beside it."""
+    names = ", ".join(str(path.relative_to(source)) for path in candidates)
+    reason = (
+        f"{len(candidates)} label files beside it ({names}): remove all but its tumour label, "
+        "or name the label in --manifest"
+    )
+    return {
+        **_nifti_record(case_id, options.modality),
+        "status": REJECTED,
+        "reason": reason,
+        "file": relative,
+    }
+
+
 def _convert_nifti(
     record: dict, path: Path, label_path: Path | None, options: IngestOptions, earlier: dict | None
 ) -> tuple[dict, str]:
@@ -477,7 +607,9 @@ def _convert_nifti(
         LabelError: If its label does not fit it.
     """
     labels = [label_path] if label_path else []
-    record["content_hash"] = _content_hash([_file_digest(path)], labels, options)
+    record["content_hash"] = _content_hash(
+        [_file_digest(path)], labels, options, declared_modality=options.modality
+    )
     if _reusable(earlier, record["content_hash"], options.output):
         return earlier, "unchanged"
     image = load_nifti_image(path)
@@ -532,13 +664,22 @@ def _file_record(path: Path, source: Path, status: str, reason: str) -> dict:
     }
 
 
-def _missing_series_record(series_uid: str, entry: ManifestEntry) -> dict:
+def _missing_series_record(
+    series_uid: str, entry: ManifestEntry, unreadable: list[Path], source: Path
+) -> dict:
+    """The record of a manifest row whose series gave no volume: absent, or all unreadable."""
+    reason = f"listed in the manifest (label {entry.label.name}) but not found in the input folder"
+    if unreadable:
+        reason = (
+            f"listed in the manifest (label {entry.label.name}) but none of its "
+            f"{len(unreadable)} file(s) is readable (first {unreadable[0].relative_to(source)}; "
+            "see their records): copy or export the series again"
+        )
     return {
         "case_id": None,
         "series_uid": series_uid,
         "status": REJECTED,
-        "reason": f"listed in the manifest (label {entry.label.name}) but not found in the "
-        "input folder",
+        "reason": reason,
         "n_files": 0,
     }
 
@@ -564,6 +705,11 @@ def _check_folders(source: Path, output: Path) -> tuple[Path, Path]:
     source, output = Path(source).resolve(), Path(output).resolve()
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: input folder not found")
+    existing = next(path for path in (output, *output.parents) if path.exists())
+    if not existing.is_dir():
+        raise ValueError(
+            f"{existing}: is a file, not a folder; give --output a folder (new or existing)"
+        )
     if output == source or source in output.parents:
         raise ValueError(f"{output}: the output folder must not lie inside the input folder")
     if output in source.parents:
@@ -579,14 +725,23 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _content_hash(digests: list[str], labels: list[Path], options: IngestOptions) -> str:
-    """Hash of a case's inputs: image digests, each label source's name and digest, options."""
+def _content_hash(
+    digests: list[str],
+    labels: list[Path],
+    options: IngestOptions,
+    declared_modality: str | None = None,
+) -> str:
+    """Hash of a case's inputs: image digests, each label source's name and digest, options.
+
+    ``declared_modality`` is the modality given for inputs that hold none (NIfTI).
+    """
     payload = {
         "format_version": INGEST_FORMAT_VERSION,
         "inputs": digests,
         "labels": [[p.name, _file_digest(p) if p.is_file() else None] for p in labels],
         "resample_gaps": options.resample_gaps,
         "resample_tilt": options.resample_tilt,
+        "declared_modality": declared_modality,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -144,12 +144,15 @@ def decide(
     positions = np.array([f.position for f in ordered])
     steps = np.diff(positions, axis=0)
     along_normal = steps @ normal
-    duplicates = int(np.count_nonzero(along_normal < _SAME_POSITION_MM))
-    if duplicates:
+    same_position = np.flatnonzero(along_normal < _SAME_POSITION_MM)
+    if same_position.size:
+        first_pair = ordered[same_position[0]], ordered[same_position[0] + 1]
         return verdict(
             REJECTED,
-            f"{duplicates} frame(s) share a slice position with another (several echoes, "
-            "phases or time points in one series); split the series before ingesting",
+            f"{same_position.size} frame(s) share a slice position with another (several "
+            "echoes, phases or time points in one series), first at "
+            f"{' and '.join(_frame_name(frame) for frame in first_pair)}; split the series "
+            "before ingesting",
         )
     spacing = float(np.median(along_normal))
     problems = []
@@ -171,6 +174,13 @@ def decide(
         reason = "resampled: " + "; ".join(problems)
         return SeriesDecision(first.series_uid, ordered, ACCEPTED, reason, spacing, True)
     return SeriesDecision(first.series_uid, ordered, ACCEPTED, "", float(np.mean(along_normal)))
+
+
+def _frame_name(frame: Frame) -> str:
+    """A frame's file name, with its frame number in a multi-frame file."""
+    if frame.frame_number is None:
+        return frame.path.name
+    return f"{frame.path.name} frame {frame.frame_number + 1}"
 
 
 def _orientation(frame: Frame) -> np.ndarray:

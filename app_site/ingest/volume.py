@@ -72,15 +72,23 @@ def load_series(decision: SeriesDecision) -> nib.Nifti1Image:
             stored = pixels[index].astype(np.float32)
             stacked[:, :, k] = (stored * frame.rescale_slope + frame.rescale_intercept).T
     volume = regularize(stacked, decision, nearest=False)
-    return nifti_image(_compact(volume, decision), series_affine_ras(decision))
-
-
-def _compact(volume: np.ndarray, decision: SeriesDecision) -> np.ndarray:
-    """Stores integer-valued volumes (integral rescale, no interpolation) as int16."""
     integral = not decision.resampled and all(
         float(f.rescale_slope).is_integer() and float(f.rescale_intercept).is_integer()
         for f in decision.frames
     )
+    return nifti_image(compact(volume, integral), series_affine_ras(decision))
+
+
+def compact(volume: np.ndarray, integral: bool) -> np.ndarray:
+    """Stores an integer-valued volume as int16 when its values fit.
+
+    Args:
+        volume: Float values.
+        integral: Whether every value is an integer (integral rescale, no interpolation).
+
+    Returns:
+        ``volume`` as int16 when integral and within int16's range, else unchanged.
+    """
     limits = np.iinfo(np.int16)
     if integral and limits.min <= volume.min() and volume.max() <= limits.max:
         return volume.astype(np.int16)

@@ -2,14 +2,17 @@
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from app_site.harmonization import dataset_modality
 from app_site.ingest import pipeline
 from app_site.ingest.volume import nifti_image
+from fedseg.harmonization import HarmonizationError
 
 from .helpers import assert_no_absolute_paths, canonical_axcodes, only, run_ingest
 
@@ -163,3 +166,98 @@ def test_an_unforeseen_failure_rejects_the_volume_and_the_run_goes_on(
     )
     assert len(only(report, "accepted")) == 1
     assert_no_absolute_paths(tmp_path / "out", tmp_path / "in")
+
+
+def test_several_label_files_beside_an_image_reject_it_naming_them(tmp_path, volume):
+    values, label, affine = volume
+    source = tmp_path / "in"
+    save(source / "p1" / "t1c.nii.gz", values, affine)
+    save(source / "p1" / "t1c_label.nii.gz", label, affine)
+    save(source / "p1" / "t1c_mask.nii.gz", (label > 0).astype(np.uint8), affine)
+    (record,) = run_ingest(source, tmp_path / "out").records
+    assert record["status"] == "rejected" and record["file"] == "p1/t1c.nii.gz"
+    assert record["reason"] == (
+        "2 label files beside it (p1/t1c_label.nii.gz, p1/t1c_mask.nii.gz): remove all but "
+        "its tumour label, or name the label in --manifest"
+    )
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("case_id,series_uid,label\np1,p1/t1c.nii.gz,in/p1/t1c_label.nii.gz\n")
+    (record,) = run_ingest(source, tmp_path / "out", manifest=manifest).records
+    assert record["status"] == "accepted" and record["label"]
+    written = np.asarray(nib.load(tmp_path / "out" / record["label"]).dataobj)
+    assert set(np.unique(written)) == {0, 2, 3}  # the tumour label, not the mask
+
+
+def test_a_label_file_without_its_image_is_skipped_unless_the_manifest_names_it(tmp_path, volume):
+    """The BraTS layout: modalities and one _seg file, no image named BraTS_001.nii.gz."""
+    values, label, affine = volume
+    source = tmp_path / "in"
+    for modality in ("t1", "flair"):
+        save(source / f"BraTS_001_{modality}.nii.gz", values, affine)
+    save(source / "BraTS_001_seg.nii.gz", label, affine)
+    report = run_ingest(source, tmp_path / "out")
+    (orphan,) = only(report, "skipped")
+    assert orphan["file"] == "BraTS_001_seg.nii.gz"
+    assert orphan["reason"] == (
+        "label file with no image BraTS_001.nii.gz beside it; name its image in --manifest"
+    )
+    assert len(only(report, "accepted")) == 2
+    save(tmp_path / "labels" / "a.nii.gz", label, affine)
+    manifest = tmp_path / "manifest.csv"  # an odd name for an image, but the manifest decides
+    manifest.write_text("case_id,series_uid,label\na,BraTS_001_seg.nii.gz,labels/a.nii.gz\n")
+    report = run_ingest(source, tmp_path / "out", manifest=manifest)
+    assert len(only(report, "accepted")) == 3 and not only(report, "skipped")
+    (named,) = [r for r in report.records if r.get("label")]
+    assert named["case_id"] == pipeline._case_id("nifti|BraTS_001_seg.nii.gz")
+
+
+def test_upper_case_extensions_are_nifti_and_pair_with_their_label(tmp_path, volume):
+    values, label, affine = volume
+    source = tmp_path / "in"
+    save(source / "SCAN.NII.GZ", values, affine)
+    save(source / "SCAN_SEG.NII.GZ", label, affine)
+    save(source / "OTHER.NII", values, affine)
+    report = run_ingest(source, tmp_path / "out")
+    assert len(only(report, "accepted")) == 2
+    assert sum(1 for r in report.records if r.get("label")) == 1
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_is_read(tmp_path, volume):
+    """Excel's "CSV UTF-8" starts the file with a byte order mark."""
+    values, label, affine = volume
+    save(tmp_path / "in" / "a.nii.gz", values, affine)
+    save(tmp_path / "labels" / "a.nii.gz", label, affine)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("case_id,series_uid,label\na,a.nii.gz,labels/a.nii.gz\n", "utf-8-sig")
+    (record,) = run_ingest(tmp_path / "in", tmp_path / "out", manifest=manifest).records
+    assert record["status"] == "accepted" and record["label"]
+
+
+def test_integral_values_are_written_as_int16_others_as_float32(tmp_path, volume):
+    values, _, affine = volume
+    save(tmp_path / "in" / "ct.nii.gz", np.rint(values * 10 - 1000).astype(np.int16), affine)
+    save(tmp_path / "in" / "mr.nii.gz", values, affine)
+    report = run_ingest(tmp_path / "in", tmp_path / "out")
+    written = {
+        r["case_id"]: np.asanyarray(nib.load(tmp_path / "out" / r["output"]).dataobj)
+        for r in report.records
+    }
+    ct = written[pipeline._case_id("nifti|ct.nii.gz")]
+    mr = written[pipeline._case_id("nifti|mr.nii.gz")]
+    assert ct.dtype == np.int16 and mr.dtype == np.float32
+    assert ct.min() == np.rint(values * 10 - 1000).min()
+
+
+def test_modality_is_declared_for_nifti_and_harmonization_says_how(tmp_path, volume):
+    values, label, affine = volume
+    save(tmp_path / "in" / "a.nii.gz", values, affine)
+    save(tmp_path / "in" / "a_seg.nii.gz", label, affine)
+    (record,) = run_ingest(tmp_path / "in", tmp_path / "out").records
+    assert record["modality"] is None and "--modality MR|CT" in record["reason"]
+    with pytest.raises(HarmonizationError, match=re.escape("re-ingest with --modality MR|CT")):
+        dataset_modality(tmp_path / "out")
+    (record,) = run_ingest(tmp_path / "in", tmp_path / "out", modality="MR").records
+    assert record["modality"] == "MR" and record["reason"] == ""
+    assert dataset_modality(tmp_path / "out") == "MR"
+    qc = json.loads((tmp_path / "out" / "qc.json").read_text())
+    assert qc["series"][0]["modality"] == "MR"

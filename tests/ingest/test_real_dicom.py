@@ -245,15 +245,100 @@ def test_direct_pixel_reading_matches_pydicom(path):
 
 
 def test_nibabel_siemens_and_philips_files(tmp_path):
-    """nibabel's DICOM test data: Siemens mosaics, gzipped files, a file with no series UID."""
+    """nibabel's DICOM test data: Siemens mosaics (one without its pixel data), gzipped files,
+    a file with no series UID."""
     import nibabel
 
     source = Path(nibabel.__file__).parent / "nicom" / "tests" / "data"
     report = run_ingest(source, tmp_path / "out")
     by_file = {r.get("file"): r for r in report.records if r.get("file")}
     mosaics = [r for r in report.records if "Siemens mosaic" in r["reason"]]
-    assert len(mosaics) == 2 and {r["status"] for r in mosaics} == {"skipped"}
+    assert len(mosaics) == 1 and {r["status"] for r in mosaics} == {"skipped"}
+    assert by_file["csa_slice_norm.dcm"]["status"] == "rejected"
+    assert "(no PixelData)" in by_file["csa_slice_norm.dcm"]["reason"]
     assert by_file["philips_mprage.dcm.gz"]["reason"].startswith("gzip-compressed file")
     assert by_file["decimal_rescale.dcm"]["status"] == "rejected"
     assert "no SeriesInstanceUID" in by_file["decimal_rescale.dcm"]["reason"]
     assert_no_absolute_paths(tmp_path / "out", source)
+
+
+@pytest.mark.parametrize(
+    ("cut_before", "missing"),
+    [(b"\x28\x00\x10\x00", "no Rows/Columns/PixelData"), (b"\xe0\x7f\x10\x00", "no PixelData")],
+    ids=["in-header", "before-pixels"],
+)
+def test_a_truncated_slice_rejects_its_file_and_its_series(tmp_path, cut_before, missing):
+    """pydicom reads a file cut short into a partial dataset: an end slice cut before its Rows
+    or its pixel data must not leave its series accepted one slice short."""
+    source = folder_of(tmp_path, "in", list(CT5N.iterdir()))
+    end_slice = source / "2062"  # the highest slice: no gap would betray its absence
+    data = end_slice.read_bytes()
+    end_slice.write_bytes(data[: data.index(cut_before)])
+    report = run_ingest(source, tmp_path / "out")
+    by_file = {r.get("file"): r for r in report.records}
+    assert by_file["2062"]["status"] == "rejected"
+    assert f"truncated or incomplete image ({missing})" in by_file["2062"]["reason"]
+    (series,) = [r for r in report.records if r.get("series_uid")]
+    assert series["status"] == "rejected" and not only(report, "accepted")
+    assert series["reason"].startswith("1 file(s) of the series are truncated or unreadable (2062)")
+    assert_no_absolute_paths(tmp_path / "out", source)
+
+
+def test_a_manifest_series_whose_files_are_all_truncated_is_not_called_missing(tmp_path):
+    source = folder_of(tmp_path, "in", list(CT5N.iterdir()))
+    series_uid = pydicom.dcmread(source / "2062").SeriesInstanceUID
+    for path in source.iterdir():
+        data = path.read_bytes()
+        path.write_bytes(data[: data.index(b"\x28\x00\x10\x00")])
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"case_id,series_uid,label\nc1,{series_uid},c1_label.nii.gz\n")
+    report = run_ingest(source, tmp_path / "out", manifest=manifest)
+    (row,) = [r for r in report.records if r.get("series_uid") == series_uid]
+    assert row["status"] == "rejected" and "not found" not in row["reason"]
+    assert "none of its 5 file(s) is readable (first 2062" in row["reason"]
+    assert len(only(report, "rejected")) == 6
+
+
+@pytest.mark.parametrize("name", ["rtdose.dcm", "rtdose_1frame.dcm", "rtstruct.dcm", "rtplan.dcm"])
+def test_radiotherapy_objects_are_skipped_as_non_images(tmp_path, name):
+    report = run_ingest(folder_of(tmp_path, "in", [data_file(name)]), tmp_path / "o")
+    (record,) = report.records
+    assert record["status"] == "skipped" and record["file"] == name
+    assert record["reason"].startswith("radiotherapy object (RT ")
+
+
+def test_links_to_folders_are_recorded_and_not_followed(tmp_path):
+    source = folder_of(tmp_path, "in", list(CT5N.iterdir()))
+    elsewhere = folder_of(tmp_path, "elsewhere", list(CT2.iterdir()))
+    (source / "more").mkdir()
+    (source / "more" / "ct2").symlink_to(elsewhere, target_is_directory=True)
+    (source / "loop").symlink_to(source, target_is_directory=True)
+    report = run_ingest(source, tmp_path / "out")
+    by_file = {r.get("file"): r for r in report.records}
+    for link in ("more/ct2", "loop"):
+        assert by_file[link]["status"] == "skipped"
+        assert by_file[link]["reason"].startswith("link to a folder, not followed")
+    (accepted,) = only(report, "accepted")
+    assert accepted["n_files"] == 5
+    assert_no_absolute_paths(tmp_path / "out", source)
+
+
+def test_a_byte_identical_copy_of_a_slice_is_skipped_naming_the_file_kept(tmp_path):
+    source = folder_of(tmp_path, "in", list(CT5N.iterdir()))
+    shutil.copy(source / "2693", source / "2693 (1)")
+    report = run_ingest(source, tmp_path / "out")
+    (accepted,) = only(report, "accepted")
+    assert accepted["n_files"] == 5
+    (copy,) = only(report, "skipped")
+    assert copy["file"] == "2693 (1)"
+    assert copy["reason"].startswith("byte-identical copy of 2693: ignored")
+
+
+def test_two_different_files_at_one_position_are_named_in_the_reason(tmp_path):
+    source = folder_of(tmp_path, "in", list(CT5N.iterdir()))
+    dataset = pydicom.dcmread(source / "2693")
+    dataset.InstanceNumber = 99  # another echo, say: same position, other header
+    dataset.save_as(source / "echo2")
+    (record,) = run_ingest(source, tmp_path / "out").records
+    assert record["status"] == "rejected"
+    assert "first at 2693 and echo2" in record["reason"]
