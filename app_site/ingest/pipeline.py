@@ -450,13 +450,8 @@ def _dicom_case(
         return record, None
     try:
         return _convert_dicom(record, decision, entry, segmentations, options, earlier)
-    except UnreadableFileError as error:
-        reason = str(error)
-    except LabelError as error:
-        reason = f"label: {error}"
-    except Exception as error:  # an unforeseen failure of one case must not end the run
-        reason = f"conversion failed ({_error_text(error, source)})"
-    return _rejected(record, files, source, reason), None
+    except Exception as error:  # one case's failure, foreseen or not, must not end the run
+        return _rejected(record, files, source, _failure_reason(error, source)), None
 
 
 def _convert_dicom(
@@ -541,14 +536,18 @@ def _nifti_case(
         record["reason"] = _UNDECLARED_MODALITY
     try:
         return _convert_nifti(record, path, label_path, options, earlier)
-    except NiftiInputError as error:
-        reason = str(error)
-    except LabelError as error:
-        reason = f"label: {error}"
-    except Exception as error:  # an unforeseen failure of one case must not end the run
-        reason = f"conversion failed ({_error_text(error, source)})"
-    record.update(status=REJECTED, reason=reason, file=relative)
-    return record, None
+    except Exception as error:  # one case's failure, foreseen or not, must not end the run
+        record.update(status=REJECTED, reason=_failure_reason(error, source), file=relative)
+        return record, None
+
+
+def _failure_reason(error: Exception, source: Path) -> str:
+    """Why a case was rejected: a foreseen problem's own message, else the error's type and text."""
+    if isinstance(error, UnreadableFileError | NiftiInputError):
+        return str(error)
+    if isinstance(error, LabelError):
+        return f"label: {error}"
+    return f"conversion failed ({_error_text(error, source)})"
 
 
 #: Reason of a NIfTI image accepted without ``--modality``.
