@@ -139,7 +139,9 @@ def prepare(
         The federation.
 
     Raises:
-        FederationError: If it is running, or the arguments do not fit.
+        FederationError: If it is running, or the arguments do not fit (a dataset for a site
+            it does not have, or a folder that is not a dataset): checked before the kits of
+            an earlier provisioning are replaced.
     """
     if encryption not in (*HE_PARAMETERS, "none"):
         raise FederationError(f"encryption must be packed, stock or none, got {encryption!r}")
@@ -154,6 +156,18 @@ def prepare(
     if running_processes(federation):
         raise FederationError(f"{federation.workspace} is running: fedseg poc stop first")
     project = _project(yaml.safe_load(Path(template).read_text()), sites, encryption)
+    site_names = [p["name"] for p in project["participants"] if p["type"] == "client"]
+    for site, dataset in (datasets or {}).items():  # before the old kits are replaced
+        if site not in site_names:
+            raise FederationError(
+                f"{site} is not a site of this federation ({', '.join(site_names)}); name a "
+                "site it has, or provision more sites"
+            )
+        if not (Path(dataset) / "datalist.json").is_file():
+            raise FederationError(
+                f"{site}: {dataset} holds no datalist.json; give a dataset folder written by "
+                "fedseg ingest"
+            )
     federation.workspace.mkdir(parents=True, exist_ok=True)
     write_text_atomic(
         federation.workspace / "project.yml", yaml.safe_dump(project, sort_keys=False)

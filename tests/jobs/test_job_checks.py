@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app_server.federation import HE_BUILDER, HE_PARAMETERS, Federation
+from app_server.federation import (
+    HE_BUILDER,
+    HE_PARAMETERS,
+    Federation,
+    FederationError,
+    prepare,
+)
 from app_site.harmonization import check_artifact_modality, site_statistics
 from fedseg.artifacts import ArtifactError, write_artifact
 from fedseg.cli import main
@@ -121,3 +127,11 @@ def test_a_federation_job_that_could_not_run_is_refused_before_it_is_submitted(t
     with pytest.raises(ValueError, match=r"1 site\(s\) take part, but training\.min_sites is 2"):
         run_in_federation(lone, config, tmp_path / "w2")
     assert not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()
+
+
+def test_provisioning_refuses_a_dataset_it_cannot_use_before_replacing_any_kit(datasets, tmp_path):
+    with pytest.raises(FederationError, match=r"site-9 is not a site of this federation"):
+        prepare(tmp_path / "federation", 2, "none", {"site-9": datasets["site-1"]})
+    with pytest.raises(FederationError, match=r"site-2: .* holds no datalist\.json"):
+        prepare(tmp_path / "federation", 2, "none", {"site-2": tmp_path})
+    assert not (tmp_path / "federation").exists()
