@@ -2,10 +2,12 @@
 
 :class:`SiteReportFilter` is a server-side task-result filter: it copies the declared report
 of each training and final-validation result into the run's ``fedseg_site_reports.json``
-(:mod:`app_server.site_reports`) and passes the result on unchanged. :class:`FinalValidation`
-is the last workflow of a job: it sends the final global model (encrypted in an HE job: the
-sites decrypt it, the server never does) to every site that reported the last round (with an
-update or with its refusal) and fails the job when any of them does not send its metrics back.
+(:mod:`app_server.site_reports`) and passes the result on unchanged; it writes a round's
+reports once the round is aggregated, and what is left when the run ends.
+:class:`FinalValidation` is the last workflow of a job: it sends the final global model
+(encrypted in an HE job: the sites decrypt it, the server never does) to every site that
+reported the last round (with an update or with its refusal) and fails the job when any of
+them does not send its metrics back.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 from pathlib import Path
 
 from nvflare.apis.dxo import from_shareable
+from nvflare.apis.event_type import EventType
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -21,6 +24,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from app_server.site_reports import (
@@ -61,6 +65,15 @@ class SiteReportFilter(Filter):
     def __init__(self, mode: str):
         super().__init__()
         self.mode = mode
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """Writes the reports held in memory once a round is aggregated and when the run ends.
+
+        After aggregation, so the file holds a round before its global model and checkpoint
+        are persisted (a resumed job finds the reports of every round it resumes after).
+        """
+        if event_type in (AppEventType.AFTER_AGGREGATION, EventType.END_RUN):
+            site_reports_for(fl_ctx, self.mode).flush()
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         """Records the report; the result passes on unchanged."""

@@ -6,6 +6,12 @@ HD95, with hashed case ids), its training loss, steps and time, its device and d
 final validation of the last global model arrives the same way. This module gathers them into
 one document per site, written atomically to ``fedseg_site_reports.json`` in the server's run
 folder, which is what the reports are built from (in the simulator, in POC and in production).
+
+The document grows with every round, so it is written once per round rather than once per
+report: a round's reports and contributors are held in memory until the round is aggregated
+(:meth:`SiteReports.flush`, before its global model is persisted), and refusals, failures and
+final validations are written at once. A server killed in the middle of a round loses only
+that round's reports, which a resumed job trains and reports again.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ class SiteReports:
     """Per-site documents, built from the reports sites declare with their results.
 
     Args:
-        path: Where to write them (atomically, after every change).
+        path: Where to write them (atomically: at :meth:`flush` and after a refusal, a failure
+            or a final validation).
         mode: How updates travelled (``plaintext`` or ``he-packed`` ...), for the reports.
     """
 
@@ -47,6 +54,7 @@ class SiteReports:
         self.failures: list[str] = []
         self.resumptions: list[dict] = []
         self._lock = threading.Lock()
+        self._unwritten = False
 
     @classmethod
     def open(cls, path: Path, mode: str, resumed: dict | None = None) -> SiteReports:
@@ -78,7 +86,8 @@ class SiteReports:
         """Records a training round: the site's validation of the global model and its training.
 
         In a round without validation (``validation.every_rounds``) the report's ``validation``
-        is ``None``; the round is recorded with ``metrics`` ``None`` and no cases.
+        is ``None``; the round is recorded with ``metrics`` ``None`` and no cases. The file
+        holds it from the next :meth:`flush` on.
 
         Raises:
             SiteReportError: If the report lacks a field.
@@ -101,7 +110,7 @@ class SiteReports:
             document["rounds"] = [r for r in document["rounds"] if r["round"] != entry["round"]]
             document["rounds"].append(entry)
             document["rounds"].sort(key=lambda r: r["round"])
-            self._write()
+            self._unwritten = True
 
     def record_final(self, site: str, report: dict) -> None:
         """Records the site's validation of the final global model.
@@ -119,10 +128,16 @@ class SiteReports:
             self._write()
 
     def record_contributors(self, round_number: int, sites: list[str]) -> None:
-        """Records whose updates went into a round's global model."""
+        """Records whose updates went into a round's global model (written at :meth:`flush`)."""
         with self._lock:
             self.contributors[int(round_number)] = sorted(sites)
-            self._write()
+            self._unwritten = True
+
+    def flush(self) -> None:
+        """Writes the rounds and contributors recorded since the last write, if there are any."""
+        with self._lock:
+            if self._unwritten:
+                self._write()
 
     def record_refusal(self, site: str, round_number: int, reason: str) -> None:
         """Records an update that did not go into the global model, and why."""
@@ -154,7 +169,8 @@ class SiteReports:
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, self.to_dict())
+        write_json_atomic(self.path, self.to_dict(), indent=None)
+        self._unwritten = False
 
 
 def read_site_reports(result_dir: Path, sites: list[str] | None = None, final: bool = True) -> dict:

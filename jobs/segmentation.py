@@ -76,6 +76,11 @@ INITIAL_MODEL_FILE = "fedseg_initial_model.pt"
 RESUMED_MODEL_STEM = "fedseg_resumed_model"
 #: The report store's mode names.
 MODE_NAMES = {"packed": "he-packed", "stock": "he-stock", "none": "plaintext"}
+#: Rounds between the server's memory clean-ups (``gc.collect`` and ``malloc_trim``).
+#: NVFlare's ScatterAndGather cleans after every round by default; a full collection of the
+#: server process costs about 0.2 s on two CPU cores, on the path from the last update to the
+#: next round's task. Every 5 rounds is NVFlare's own advice for servers.
+SERVER_MEMORY_CLEANUP_ROUNDS = 5
 _TRAIN, _VALIDATE = AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION
 _SUBMIT = AppConstants.TASK_SUBMIT_MODEL
 
@@ -289,6 +294,7 @@ def _scatter_and_gather(
             aggregator_id="aggregator",
             persistor_id="persistor",
             shareable_generator_id="shareable_generator",
+            memory_gc_rounds=SERVER_MEMORY_CLEANUP_ROUNDS,
         )
     )
     job.to_server(

@@ -17,6 +17,7 @@ from fedseg.config import load_config
 from fedseg.moments import zero_moments
 from jobs.resume import ResumeError, find_resume_point
 from jobs.runner import export_job
+from jobs.segmentation import SERVER_MEMORY_CLEANUP_ROUNDS
 from models.networks import build_network
 
 FEDSEG = str(Path(sys.executable).with_name("fedseg"))
@@ -179,9 +180,12 @@ def test_exported_job_folder(tmp_path, job_run, encryption, components):
     # NVFlare's stock HE filters weigh by steps: the sites are told so, not left to disagree.
     assert manifest["aggregation_weight"] == ("steps" if encryption == "stock" else "cases")
     if encryption != "stock":  # the server refuses updates that declare no case weight
-        components = json.loads(server_config.read_text())["components"]
-        (aggregator,) = [c for c in components if c["id"] == "aggregator"]
+        server = json.loads(server_config.read_text())
+        (aggregator,) = [c for c in server["components"] if c["id"] == "aggregator"]
         assert aggregator["args"]["aggregation_weight"] == "cases"
+        # memory clean-up every few rounds, not after each (NVFlare's default)
+        (rounds,) = [w for w in server["workflows"] if w["path"].endswith("ScatterAndGather")]
+        assert rounds["args"]["memory_gc_rounds"] == SERVER_MEMORY_CLEANUP_ROUNDS > 1
 
 
 def test_empty_cross_site_results_fail_loudly(tmp_path):
