@@ -69,8 +69,10 @@ class SiteReportFilter(Filter):
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         """Writes the reports held in memory once a round is aggregated and when the run ends.
 
-        After aggregation, so the file holds a round before its global model and checkpoint
-        are persisted (a resumed job finds the reports of every round it resumes after).
+        fedseg's aggregators write each round as they record its contributors; this covers
+        NVFlare's stock HE aggregator and reports that arrive after their round was aggregated
+        (a straggler's, the last round's). After aggregation, before the global model is
+        persisted, so a resumed job finds the reports of every round it resumes after.
         """
         if event_type in (AppEventType.AFTER_AGGREGATION, EventType.END_RUN):
             site_reports_for(fl_ctx, self.mode).flush()

@@ -8,10 +8,11 @@ one document per site, written atomically to ``fedseg_site_reports.json`` in the
 folder, which is what the reports are built from (in the simulator, in POC and in production).
 
 The document grows with every round, so it is written once per round rather than once per
-report: a round's reports and contributors are held in memory until the round is aggregated
-(:meth:`SiteReports.flush`, before its global model is persisted), and refusals, failures and
-final validations are written at once. A server killed in the middle of a round loses only
-that round's reports, which a resumed job trains and reports again.
+report: a round's reports are held in memory until the round is aggregated, when its
+contributors are recorded (before its global model is persisted), or until
+:meth:`SiteReports.flush`; refusals, failures and final validations are written at once. A
+server killed in the middle of a round loses only that round's reports, which a resumed job
+trains and reports again.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class SiteReports:
     """Per-site documents, built from the reports sites declare with their results.
 
     Args:
-        path: Where to write them (atomically: at :meth:`flush` and after a refusal, a failure
-            or a final validation).
+        path: Where to write them (atomically: at the end of each round, at :meth:`flush` and
+            after a refusal, a failure or a final validation).
         mode: How updates travelled (``plaintext`` or ``he-packed`` ...), for the reports.
     """
 
@@ -87,7 +88,7 @@ class SiteReports:
 
         In a round without validation (``validation.every_rounds``) the report's ``validation``
         is ``None``; the round is recorded with ``metrics`` ``None`` and no cases. The file
-        holds it from the next :meth:`flush` on.
+        holds it once the round's contributors are recorded or the store is flushed.
 
         Raises:
             SiteReportError: If the report lacks a field.
@@ -128,13 +129,17 @@ class SiteReports:
             self._write()
 
     def record_contributors(self, round_number: int, sites: list[str]) -> None:
-        """Records whose updates went into a round's global model (written at :meth:`flush`)."""
+        """Records whose updates went into a round's global model, and writes the round."""
         with self._lock:
             self.contributors[int(round_number)] = sorted(sites)
-            self._unwritten = True
+            self._write()
 
     def flush(self) -> None:
-        """Writes the rounds and contributors recorded since the last write, if there are any."""
+        """Writes the round reports recorded since the last write, if there are any.
+
+        For jobs whose aggregator records no contributors (NVFlare's stock HE filters), and
+        for reports that arrive after their round was aggregated.
+        """
         with self._lock:
             if self._unwritten:
                 self._write()

@@ -339,4 +339,5 @@ class _SiteRecord:
         self._write()
 
     def _write(self) -> None:
-        write_json_atomic(self.path, self.document, allow_nan=True)
+        # One line: the file grows every round and is written before the update is sent.
+        write_json_atomic(self.path, self.document, indent=None, allow_nan=True)

@@ -35,7 +35,6 @@ def test_rounds_and_final_validation_make_one_document_per_site(tmp_path):
     store.record_contributors(0, ["site-2", "site-1"])
     store.record_refusal("site-1", 1, "refused at the site: non-finite values")
     store.record_contributors(1, ["site-2"])
-    store.flush()
     content = json.loads((tmp_path / SITE_REPORTS_FILE).read_text())
     assert content["mode"] == "he-packed"
     assert content["round_contributors"] == {"0": ["site-1", "site-2"], "1": ["site-2"]}
@@ -51,14 +50,13 @@ def test_rounds_and_final_validation_make_one_document_per_site(tmp_path):
     assert reopened.to_dict() == content  # a restarted server goes on from the file
 
 
-def test_a_round_is_written_once_it_is_aggregated_and_refusals_at_once(tmp_path):
+def test_a_round_is_written_once_aggregated_or_flushed_and_refusals_at_once(tmp_path):
     path = tmp_path / SITE_REPORTS_FILE
     store = SiteReports(path, "plaintext")
     for site in ("site-1", "site-2"):
         store.record_round(site, 0, round_report())
-    store.record_contributors(0, ["site-1", "site-2"])
     assert not path.exists()  # held until the round is aggregated
-    store.flush()
+    store.record_contributors(0, ["site-1", "site-2"])
     content = json.loads(path.read_text())
     assert content["round_contributors"] == {"0": ["site-1", "site-2"]}
     assert [r["round"] for r in content["sites"]["site-2"]["rounds"]] == [0]
@@ -66,10 +64,13 @@ def test_a_round_is_written_once_it_is_aggregated_and_refusals_at_once(tmp_path)
     store.flush()
     assert not path.exists()  # nothing new: nothing written
     store.record_round("site-1", 1, round_report(0.5))
-    store.record_refusal("site-2", 1, "refused at the site: non-finite values")
+    store.flush()  # a round without contributors (NVFlare's stock aggregator)
+    assert json.loads(path.read_text())["sites"]["site-1"]["rounds"][-1]["round"] == 1
+    store.record_round("site-1", 2, round_report(0.25))
+    store.record_refusal("site-2", 2, "refused at the site: non-finite values")
     content = json.loads(path.read_text())  # a refusal is written at once, with what it follows
     assert content["refusals"][0]["site"] == "site-2"
-    assert content["sites"]["site-1"]["rounds"][-1]["train_loss"] == 0.5
+    assert content["sites"]["site-1"]["rounds"][-1]["train_loss"] == 0.25
 
 
 def test_a_report_without_its_fields_is_refused(tmp_path):
