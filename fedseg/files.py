@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -41,6 +42,28 @@ def write_json_atomic(
         **dumps_options: Further options of :func:`json.dumps` (``sort_keys``, ``allow_nan``).
     """
     write_text_atomic(path, json.dumps(payload, indent=indent, **dumps_options) + "\n")
+
+
+def replace_folder(staging: Path, final: Path) -> None:
+    """Moves a fully written ``staging`` folder to ``final``, replacing what was there whole.
+
+    The old folder is renamed aside (``.NAME.retired`` beside it) before ``staging`` takes
+    its place and is removed after, so ``final`` never mixes old files with new ones; a run
+    stopped in between leaves the old folder under the retired name, and the next run removes
+    it.
+
+    Args:
+        staging: The new content, on the same file system as ``final``.
+        final: Where it goes.
+    """
+    retired = final.with_name(f".{final.name}.retired")
+    if retired.exists():
+        shutil.rmtree(retired)
+    if final.exists():
+        final.rename(retired)
+    staging.rename(final)
+    if retired.exists():
+        shutil.rmtree(retired)
 
 
 def file_sha256(path: Path) -> str:

@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from app_site.ingest.manifest import MANIFEST_HEADER
-from fedseg.files import write_json_atomic
+from fedseg.files import replace_folder, write_json_atomic
 from fedseg.synth.anatomy import Subject, Tissue, tumour_label
 from fedseg.synth.dicom_series import SeriesIdentity, write_series
 from fedseg.synth.geometry import AcquisitionGrid
@@ -240,15 +240,7 @@ def _finish_site(
         "cases": len(cases),
     }
     (staging / "site.json").write_text(json.dumps(site_record, indent=2) + "\n")
-    final = out / site
-    retired = out / f".{site}.retired"
-    if retired.exists():
-        shutil.rmtree(retired)
-    if final.exists():
-        final.rename(retired)
-    staging.rename(final)
-    if retired.exists():
-        shutil.rmtree(retired)
+    replace_folder(staging, out / site)
 
 
 def _run_record(
