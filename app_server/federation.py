@@ -38,7 +38,7 @@ from nvflare.lighter.provision import prepare_project
 from nvflare.lighter.provisioner import Provisioner
 from nvflare.lighter.utils import update_storage_locations
 
-from app_site.site_config import SITE_CONFIG_FILE, shared_host_threads
+from app_site.site_config import SITE_CONFIG_FILE, check_training_dataset, shared_host_threads
 from fedseg.files import write_json_atomic, write_text_atomic
 
 #: The project definition this module provisions from.
@@ -140,8 +140,9 @@ def prepare(
 
     Raises:
         FederationError: If it is running, or the arguments do not fit (a dataset for a site
-            it does not have, or a folder that is not a dataset): checked before the kits of
-            an earlier provisioning are replaced.
+            it does not have, a folder that is not a dataset or one without training or
+            validation cases): checked before the kits of an earlier provisioning are
+            replaced.
     """
     if encryption not in (*HE_PARAMETERS, "none"):
         raise FederationError(f"encryption must be packed, stock or none, got {encryption!r}")
@@ -163,11 +164,10 @@ def prepare(
                 f"{site} is not a site of this federation ({', '.join(site_names)}); name a "
                 "site it has, or provision more sites"
             )
-        if not (Path(dataset) / "datalist.json").is_file():
-            raise FederationError(
-                f"{site}: {dataset} holds no datalist.json; give a dataset folder written by "
-                "fedseg ingest"
-            )
+        try:
+            check_training_dataset(Path(dataset))
+        except (OSError, ValueError) as error:
+            raise FederationError(f"{site}: {error}") from error
     federation.workspace.mkdir(parents=True, exist_ok=True)
     write_text_atomic(
         federation.workspace / "project.yml", yaml.safe_dump(project, sort_keys=False)

@@ -267,13 +267,13 @@ class TrainResult:
 class CaseMetrics:
     """Validation metrics of one case: Dice and HD95 (mm) per region.
 
-    Both empty prediction and empty reference give Dice 1 and HD95 0; exactly one empty gives
-    Dice 0 and HD95 ``None`` (undefined, left out of means).
+    Both empty prediction and empty reference give Dice 1 and HD95 0. Exactly one empty gives
+    Dice 0 and, as HD95, the diagonal of the case's grid in millimetres (:func:`region_metrics`).
     """
 
     case_id: str
     dice: dict[str, float]
-    hd95: dict[str, float | None]
+    hd95: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -554,6 +554,11 @@ def region_metrics(
 ) -> CaseMetrics:
     """Dice and HD95 per region of one case.
 
+    A region missed entirely, or predicted where the reference has none, has no surface to
+    measure from: its HD95 is the largest distance the grid holds, its diagonal in millimetres,
+    so such a case counts as the worst in the mean instead of dropping out of it (BraTS scores
+    it the same way: 373.13 mm is the diagonal of its 240 x 240 x 155 grid of 1 mm voxels).
+
     Args:
         case_id: The case.
         prediction: ``(3, *spatial)`` boolean region masks.
@@ -563,6 +568,7 @@ def region_metrics(
     Returns:
         The case's metrics.
     """
+    diagonal = math.hypot(*(n * s for n, s in zip(reference.shape[1:], spacing, strict=True)))
     dice, hd95 = {}, {}
     for channel, region in enumerate(REGIONS):
         predicted, truth = prediction[channel], reference[channel]
@@ -578,10 +584,9 @@ def region_metrics(
                 percentile=95,
                 spacing=list(spacing),
             )
-            value = float(distance.item())
-            hd95[region] = value if math.isfinite(value) else None
+            hd95[region] = float(distance.item())
         else:
-            hd95[region] = None
+            hd95[region] = diagonal
     return CaseMetrics(case_id, dice, hd95)
 
 

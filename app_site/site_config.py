@@ -80,6 +80,39 @@ def site_dataset(site_name: str, start: Path | None = None) -> Path:
     return dataset
 
 
+def check_training_dataset(dataset: Path) -> None:
+    """Refuses a dataset a site cannot train a segmentation job on.
+
+    The site trains on the labelled cases of its training split and reports every round's
+    global model by its Dice on its validation split, so it needs both: a dataset without
+    them would train for the whole job and only then fail its reports.
+
+    Args:
+        dataset: The site's dataset folder (written by ``fedseg ingest``).
+
+    Raises:
+        FileNotFoundError: If it holds no ``datalist.json``.
+        ValueError: If its training or its validation split is empty.
+    """
+    datalist = Path(dataset) / "datalist.json"
+    if not datalist.is_file():
+        raise FileNotFoundError(
+            f"{dataset}: holds no datalist.json; give a dataset folder written by fedseg ingest"
+        )
+    splits = json.loads(datalist.read_text())
+    if not splits.get("training"):
+        raise ValueError(
+            f"{datalist}: no labelled training case; give fedseg ingest the tumour labels "
+            "(--manifest, DICOM SEG objects or X_seg.nii.gz beside X.nii.gz)"
+        )
+    if not splits.get("validation"):
+        raise ValueError(
+            f"{datalist}: no validation case, and the site reports the global model by its "
+            "Dice on them; re-run fedseg ingest with --validation-fraction above 0 (the "
+            "default is 0.2; it needs at least two labelled cases)"
+        )
+
+
 def _from_startup_kit(start: Path) -> str | None:
     for folder in (start, *start.parents):
         config = folder / "local" / SITE_CONFIG_FILE

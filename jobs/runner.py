@@ -38,6 +38,7 @@ from app_server.site_reports import SITE_REPORTS_FILE, read_site_reports, with_r
 from app_site.harmonization import check_artifact_modality, dataset_modality
 from app_site.site_config import (
     check_distinct_datasets,
+    check_training_dataset,
     shared_host_threads,
     site_dataset,
     site_environment_variable,
@@ -133,8 +134,8 @@ def run_job(
 
     Raises:
         ValueError: If fewer datasets than ``training.min_sites`` are given, one is given
-            twice, or the artifact
-            does not fit the configuration (:func:`jobs.segmentation.checked_artifact_hash`).
+            twice or has no training or validation case, or the artifact does not fit the
+            configuration (:func:`jobs.segmentation.checked_artifact_hash`).
         FileNotFoundError: If a dataset folder holds no ``datalist.json``.
         HarmonizationError: If the artifact was fitted on another modality than a dataset's.
         RuntimeError: If a site's validation results are missing.
@@ -142,11 +143,7 @@ def run_job(
     check_enough_sites(len(datasets), config.training.min_sites)
     check_distinct_datasets(datasets)
     for dataset in datasets:
-        if not (Path(dataset) / "datalist.json").is_file():
-            raise FileNotFoundError(
-                f"{dataset}: holds no datalist.json; give each --site a dataset folder written "
-                "by fedseg ingest"
-            )
+        check_training_dataset(Path(dataset))
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     harmonization_artifact = _harmonization_for(

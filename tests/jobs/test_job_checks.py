@@ -84,6 +84,14 @@ def test_export_names_its_own_job_folder_and_leaves_no_staging_behind(
     assert not list((tmp_path / "tmp").iterdir()), "the initial model's staging folder is gone"
 
 
+def without_split(dataset: Path, folder: Path, split: str) -> Path:
+    """A copy of ``dataset``'s datalist with ``split`` emptied (the images are not needed)."""
+    datalist = json.loads((dataset / "datalist.json").read_text())
+    folder.mkdir()
+    (folder / "datalist.json").write_text(json.dumps({**datalist, split: []}))
+    return folder
+
+
 def test_a_missing_or_repeated_site_dataset_is_refused_before_any_work(datasets, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing: holds no datalist\.json"):
         run_job(load_config("tiny"), [datasets["site-1"], tmp_path / "missing"], tmp_path / "w")
@@ -91,6 +99,26 @@ def test_a_missing_or_repeated_site_dataset_is_refused_before_any_work(datasets,
     with pytest.raises(ValueError, match="link: the same dataset as"):
         run_job(load_config("tiny"), [datasets["site-1"], tmp_path / "link"], tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    ("split", "message"),
+    [
+        ("validation", r"no validation case, .* --validation-fraction above 0"),
+        ("training", r"no labelled training case; give fedseg ingest the tumour labels"),
+    ],
+)
+def test_a_site_dataset_without_a_split_is_refused_before_any_work(
+    datasets, tmp_path, split, message
+):
+    """It would train for the whole job and fail its reports only at the end."""
+    empty = without_split(datasets["site-2"], tmp_path / "empty", split)
+    with pytest.raises(ValueError, match=rf"empty/datalist\.json: {message}"):
+        run_job(load_config("tiny"), [datasets["site-1"], empty], tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(FederationError, match=rf"site-2: .*empty/datalist\.json: {message}"):
+        prepare(tmp_path / "federation", 2, "none", {"site-2": empty})
+    assert not (tmp_path / "federation").exists()
 
 
 def test_an_artifact_fitted_on_another_modality_is_refused(artifacts, datasets, tmp_path):

@@ -97,7 +97,7 @@ def test_validation_gives_metrics_per_region_and_case(engine):
     for case in results:
         assert set(case.dice) == {"TC", "WT", "ET"}
         assert all(0.0 <= value <= 1.0 for value in case.dice.values())
-        assert all(v is None or v >= 0 for v in case.hd95.values())
+        assert all(v >= 0 for v in case.hd95.values())
 
 
 def test_weights_round_trip(engine):
@@ -156,8 +156,11 @@ def test_region_metric_conventions():
     full[:, 2:6, 2:6, 2:6] = True
     both_empty = region_metrics("a", empty, empty, (1.0, 1.0, 1.0))
     assert both_empty.dice == {"TC": 1.0, "WT": 1.0, "ET": 1.0} and both_empty.hd95["WT"] == 0.0
+    # a region missed, or predicted where there is none, scores the grid's diagonal (mm)
     missed = region_metrics("b", empty, full, (1.0, 1.0, 1.0))
-    assert missed.dice["WT"] == 0.0 and missed.hd95["WT"] is None
+    assert missed.dice["WT"] == 0.0 and missed.hd95["WT"] == pytest.approx(8 * 3**0.5)
+    invented = region_metrics("b", full, empty, (2.0, 1.0, 1.0))
+    assert invented.dice["ET"] == 0.0 and invented.hd95["ET"] == pytest.approx(384**0.5)
     shifted = full.roll(1, dims=1)
     partial = region_metrics("c", shifted, full, (2.0, 2.0, 2.0))
     assert partial.dice["WT"] == pytest.approx(0.75) and partial.hd95["WT"] == pytest.approx(2.0)
