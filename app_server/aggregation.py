@@ -74,7 +74,11 @@ class _RoundAggregator(Aggregator):
         current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         contribution_round = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
         if contribution_round != current:
-            self.log_warning(fl_ctx, f"{site}: update for round {contribution_round} in {current}")
+            reason = (
+                f"arrived in round {current}, after its round was aggregated without it (a "
+                "straggler: see federation.straggler_seconds)"
+            )
+            self._refuse(fl_ctx, site, reason, contribution_round)
             return False
         try:
             dxo = from_shareable(shareable)
@@ -145,8 +149,12 @@ class _RoundAggregator(Aggregator):
             self._contributors = []
             self._start_round(fl_ctx)
 
-    def _refuse(self, fl_ctx: FLContext, site: str, reason: str) -> None:
-        round_number = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+    def _refuse(
+        self, fl_ctx: FLContext, site: str, reason: str, round_number: int | None = None
+    ) -> None:
+        """Logs and records a refused update (of the current round unless ``round_number``)."""
+        if round_number is None:
+            round_number = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         self.log_error(fl_ctx, f"{site}: update of round {round_number} refused: {reason}")
         site_reports_for(fl_ctx, self.mode).record_refusal(site, round_number, reason)
 

@@ -4,22 +4,26 @@ Input: what the server gathered from the sites' declared reports
 (:mod:`app_server.site_reports`: per round, the validation of the global model each site
 received, per-case Dice and HD95, training loss; the validation of the final global model; data
 and device summary, harmonization hash; which sites contributed to each round). Output:
-``<site>.json`` + ``<site>.html`` and ``federation.json`` + ``federation.html``. Metrics only:
-no image, no patient identifier (case ids are the hashes ``fedseg ingest`` made). Plots are
-inline SVG, so a page is one self-contained file.
+``<site>.json`` + ``<site>.html`` and ``federation.json`` + ``federation.html``, written into
+a staging folder that replaces the report folder whole (no page of an earlier run is left
+beside them). Metrics only: no image, no patient identifier (cases go under the pseudonyms
+their site declared them with, :func:`app_site.training_task.case_pseudonym`). Plots are
+inline SVG, so a page is one self-contained file. The JSON is standard JSON: a value that is
+not a finite number (an interval of fewer than two cases) is ``null``.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from app_server.site_reports import validated_rounds
-from fedseg.files import write_json_atomic, write_text_atomic
+from fedseg.files import replace_folder, write_json_atomic, write_text_atomic
 
 REGIONS = ("TC", "WT", "ET")
 REGION_NAMES = {"TC": "tumour core", "WT": "whole tumour", "ET": "enhancing tumour"}
@@ -29,6 +33,10 @@ MODE_NAMES = {
     "he-stock": "FedAvg on encrypted updates (NVFlare's stock CKKS filters)",
 }
 COLOURS = {"TC": "#c0392b", "WT": "#2471a3", "ET": "#b7950b"}
+#: The summary's model label of a site that validated the final global model.
+FINAL_MODEL = "final global model"
+#: The federation's page and JSON are named so in the report folder, beside the sites'.
+FEDERATION = "federation"
 
 
 def bootstrap_interval(
@@ -43,13 +51,11 @@ def bootstrap_interval(
         seed: Random seed (reports are reproducible).
 
     Returns:
-        ``(low, high)``; both the single value for one case, NaN for none.
+        ``(low, high)``; NaN for fewer than two values (one case says nothing of the spread).
     """
     data = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    if data.size == 0:
+    if data.size < 2:
         return (math.nan, math.nan)
-    if data.size == 1:
-        return (float(data[0]), float(data[0]))
     rng = np.random.default_rng(seed)
     means = rng.choice(data, size=(samples, data.size), replace=True).mean(axis=1)
     tail = (1.0 - level) / 2.0 * 100.0
@@ -70,9 +76,7 @@ def site_summary(document: dict) -> dict:
     if evaluated is not None:
         cases = evaluated["cases"]
         summary["model"] = (
-            "final global model"
-            if document.get("final")
-            else (f"global model of round {last['round']}")
+            FINAL_MODEL if document.get("final") else f"global model of round {last['round']}"
         )
         summary["metrics"] = evaluated["metrics"]
         summary["cases"] = cases
@@ -83,10 +87,22 @@ def site_summary(document: dict) -> dict:
 
 
 def federation_summary(sites: dict[str, dict], round_contributors: dict | None = None) -> dict:
-    """All sites side by side: final metrics, per-round curves, who contributed to each round."""
+    """All sites side by side: each site's summary, per-round curves, who contributed when.
+
+    ``summary`` holds, per site, the metrics of its summary and which model they measure
+    (``model``: the final global model, or the global model of the last round it validated
+    when it made no final validation, as in jobs with NVFlare's stock HE filters); both are
+    ``None`` for a site that validated nothing.
+    """
     return {
         "sites": sorted(sites),
-        "final": {name: doc["summary"].get("metrics") for name, doc in sorted(sites.items())},
+        "summary": {
+            name: {
+                "model": doc["summary"].get("model"),
+                "metrics": doc["summary"].get("metrics"),
+            }
+            for name, doc in sorted(sites.items())
+        },
         "round_contributors": round_contributors or {},
         "curves": {
             name: [
@@ -115,31 +131,54 @@ def write_reports(report_dir: Path, collected: dict, cross_site: dict | None = N
         The files written.
 
     Raises:
-        ValueError: If no site reported.
+        ValueError: If no site reported, or a site is named ``federation`` (its files would
+            be the federation's).
     """
     if not collected.get("sites"):
         raise ValueError("no site metrics to report")
+    if FEDERATION in collected["sites"]:
+        raise ValueError(f"a site is named {FEDERATION!r}: its report would be the federation's")
     report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
+    staging = report_dir.with_name(f".{report_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run that stopped half-way
+    staging.mkdir(parents=True)
+    try:
+        names = _write_reports(staging, collected, cross_site or {})
+        replace_folder(staging, report_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [report_dir / name for name in names]
+
+
+def _write_reports(folder: Path, collected: dict, cross_site: dict) -> list[str]:
     mode = collected.get("mode", "plaintext")
+    refusals = collected.get("refusals", [])
     sites = {}
-    written = []
     for name, document in sorted(collected["sites"].items()):
-        document = site_summary({**document, "mode": mode})
-        sites[name] = document
-        path = report_dir / f"{name}.json"
-        write_json_atomic(path, document)
-        page = report_dir / f"{name}.html"
-        write_text_atomic(page, render_site(document))
-        written += [path, page]
+        own_refusals = [r for r in refusals if r["site"] == name]
+        sites[name] = site_summary({**document, "mode": mode, "refusals": own_refusals})
     federation = federation_summary(sites, collected.get("round_contributors"))
     federation["mode"] = mode
-    federation["refusals"] = collected.get("refusals", [])
+    federation["refusals"] = refusals
     federation["resumptions"] = collected.get("resumptions", [])
-    federation["cross_site"] = cross_site or {}
-    write_json_atomic(report_dir / "federation.json", federation)
-    write_text_atomic(report_dir / "federation.html", render_federation(federation))
-    return [*written, report_dir / "federation.json", report_dir / "federation.html"]
+    federation["cross_site"] = cross_site
+    pages = {name: (document, render_site(document)) for name, document in sites.items()}
+    pages[FEDERATION] = (federation, render_federation(federation))
+    for name, (document, page) in pages.items():
+        write_json_atomic(folder / f"{name}.json", _finite_or_null(document), allow_nan=False)
+        write_text_atomic(folder / f"{name}.html", page)
+    return [f"{name}.{kind}" for name in pages for kind in ("json", "html")]
+
+
+def _finite_or_null(value: object) -> object:
+    """``value`` with every float that is not finite replaced by ``None`` (JSON ``null``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def render_site(document: dict) -> str:
@@ -151,6 +190,7 @@ def render_site(document: dict) -> str:
         for r in REGIONS
     }
     rows = ""
+    case_count = len(summary.get("cases", []))
     if "metrics" in summary:
         for region in REGIONS:
             low, high = summary["intervals"][f"dice_{region}"]
@@ -158,23 +198,23 @@ def render_site(document: dict) -> str:
             rows += (
                 f"<tr><td>{REGION_NAMES[region]} ({region})</td>"
                 f"<td class=num>{summary['metrics'][f'dice_{region}']:.3f}</td>"
-                f"<td class=num>{_number(low)} to {_number(high)}</td>"
-                f"<td class=num>{_number(hd95, 1)}</td></tr>"
+                f"<td class=num>{format_number(low)} to {format_number(high)}</td>"
+                f"<td class=num>{format_number(hd95, 1)}</td></tr>"
             )
     case_rows = ""
     for case in summary.get("cases", []):
         cells = "".join(f"<td class=num>{case['dice'][r]:.3f}</td>" for r in REGIONS)
-        cells += "".join(f"<td class=num>{_number(case['hd95'][r], 1)}</td>" for r in REGIONS)
+        cells += "".join(f"<td class=num>{format_number(case['hd95'][r], 1)}</td>" for r in REGIONS)
         case_rows += f"<tr><td>{html.escape(case['case_id'])}</td>{cells}</tr>"
     training_rows = "".join(
-        f"<tr><td>{e['round']}</td><td class=num>{e['train_steps']}</td>"
-        f"<td class=num>{e['train_loss']:.4f}</td>"
-        f"<td class=num>{e['train_seconds']:.1f}</td>"
-        f"<td class=num>{_number(e.get('aggregation_weight'), 1)}</td></tr>"
+        f"<tr><td>{e['round']}</td><td class=num>{e['train_steps']:d}</td>"
+        f"<td class=num>{format_number(e['train_loss'], 4)}</td>"
+        f"<td class=num>{format_number(e['train_seconds'], 1)}</td>"
+        f"<td class=num>{format_number(e.get('aggregation_weight'), 1)}</td></tr>"
         for e in rounds
     )
     data = document["data"]
-    qc = data.get("qc_counts", {})
+    qc = {key: html.escape(str(count)) for key, count in data.get("qc_counts", {}).items()}
     body = f"""
 <h1>Site report: {html.escape(document["site"])}</h1>
 <p>Validation of the global model on this site's own validation split: the model each round
@@ -184,35 +224,45 @@ Device: <b>{html.escape(document["device"])}</b>. Harmonization artifact:
 <h2>Dice per round (global model received at the start of the round)</h2>
 {line_chart(curves, "Dice", (0.0, 1.0))}
 <h2>{html.escape(summary.get("model", "no validation").capitalize())}</h2>
-<table><tr><th>region</th><th>Dice</th><th>95% CI (bootstrap over cases)</th>
+<table><tr><th>region</th><th>Dice</th><th>95% CI (bootstrap over {case_count} cases)</th>
 <th>HD95 (mm)</th></tr>{rows}</table>
+<p>HD95 of a region missed entirely, or predicted where the case has none, is the diagonal
+of the case's grid: the worst distance it can have.</p>
 <h2>Cases ({html.escape(summary.get("model", "-"))})</h2>
 <table><tr><th>case</th>{"".join(f"<th>Dice {r}</th>" for r in REGIONS)}
 {"".join(f"<th>HD95 {r}</th>" for r in REGIONS)}</tr>{case_rows}</table>
 <h2>Data</h2>
-<table><tr><th>training cases</th><td class=num>{data["training_cases"]}</td></tr>
-<tr><th>validation cases</th><td class=num>{data["validation_cases"]}</td></tr>
+<table><tr><th>training cases</th><td class=num>{data["training_cases"]:d}</td></tr>
+<tr><th>validation cases</th><td class=num>{data["validation_cases"]:d}</td></tr>
 <tr><th>series accepted / rejected / skipped at ingestion</th>
 <td class=num>{qc.get("accepted", "-")} / {qc.get("rejected", "-")} / {qc.get("skipped", "-")}</td>
 </tr></table>
 <h2>Training</h2>
 <table><tr><th>round</th><th>steps</th><th>loss</th><th>seconds</th>
 <th>declared weight</th></tr>
-{training_rows}</table>"""
+{training_rows}</table>
+{_refusals_table(document.get("refusals", []))}"""
     return _page(f"fedseg report: {document['site']}", body)
 
 
 def render_federation(federation: dict) -> str:
     """The federation's page: every site side by side, and the Dice curves of each site."""
     rows = ""
-    for site, metrics in federation["final"].items():
+    for site, summary in federation["summary"].items():
+        metrics = summary["metrics"] or {}
         cells = "".join(
-            f"<td class=num>{_number((metrics or {}).get(f'dice_{r}'))}</td>" for r in REGIONS
+            f"<td class=num>{format_number(metrics.get(f'dice_{r}'))}</td>" for r in REGIONS
         )
         rows += (
-            f"<tr><td>{html.escape(site)}</td>{cells}"
-            f"<td>{html.escape(federation['devices'][site])}</td></tr>"
+            f"<tr><td>{html.escape(site)}</td><td>{html.escape(summary['model'] or 'none')}</td>"
+            f"{cells}<td>{html.escape(federation['devices'][site])}</td></tr>"
         )
+    models = {summary["model"] for summary in federation["summary"].values()}
+    heading = (
+        "Final global model, all sites"
+        if models == {FINAL_MODEL}
+        else "Each site's last validation (not every site validated the final global model)"
+    )
     charts = "".join(
         f"<h3>{html.escape(site)}</h3>"
         + line_chart(
@@ -224,8 +274,9 @@ def render_federation(federation: dict) -> str:
 <h1>Federation report</h1>
 <p>{len(federation["sites"])} sites; {html.escape(_mode(federation))}. Each site validated
 the global model on its own data; only these metrics left the sites.</p>
-<h2>Final global model, all sites</h2>
-<table><tr><th>site</th>{"".join(f"<th>Dice {r}</th>" for r in REGIONS)}<th>device</th></tr>
+<h2>{html.escape(heading)}</h2>
+<table><tr><th>site</th><th>model</th>{"".join(f"<th>Dice {r}</th>" for r in REGIONS)}
+<th>device</th></tr>
 {rows}</table>
 {_contributors_table(federation["round_contributors"], federation["sites"])}
 {_refusals_table(federation.get("refusals", []))}
@@ -303,7 +354,8 @@ def _cross_site_table(matrix: dict) -> str:
     rows = ""
     for site, row in sorted(matrix.items()):
         cells = "".join(
-            f"<td class=num>{_number((row.get(o) or {}).get('dice_mean'))}</td>" for o in owners
+            f"<td class=num>{format_number((row.get(o) or {}).get('dice_mean'))}</td>"
+            for o in owners
         )
         rows += f"<tr><td>{html.escape(site)} data</td>{cells}</tr>"
     return (
@@ -364,7 +416,8 @@ def line_chart(
     return "".join(parts)
 
 
-def _number(value: float | None, digits: int = 3) -> str:
+def format_number(value: float | None, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals, or ``n/a`` when it is missing or not finite."""
     if value is None or not math.isfinite(value):
         return "n/a"
     return f"{value:.{digits}f}"

@@ -91,9 +91,12 @@ class SiteReports:
         holds it once the round's contributors are recorded or the store is flushed.
 
         Raises:
-            SiteReportError: If the report lacks a field.
+            SiteReportError: If the report lacks a field or a field has the wrong type.
         """
         _require(report, ("validation", "training", *_SITE_FIELDS), site)
+        _check_training(report["training"], site)
+        if report["validation"] is not None:
+            _check_validation(report["validation"], site)
         validation = report["validation"] or {"metrics": None, "cases": []}
         entry = {
             "round": int(round_number),
@@ -117,9 +120,10 @@ class SiteReports:
         """Records the site's validation of the final global model.
 
         Raises:
-            SiteReportError: If the report lacks a field.
+            SiteReportError: If the report lacks a field or a field has the wrong type.
         """
         _require(report, ("validation", *_SITE_FIELDS), site)
+        _check_validation(report["validation"], site)
         with self._lock:
             document = self._site(site, report)
             document["final"] = {
@@ -296,8 +300,73 @@ def _finite_dice(metrics: dict) -> bool:
 
 
 def _require(report: dict, fields: tuple[str, ...], site: str) -> None:
+    """Checks a declared report has ``fields``, and the fields every report carries."""
     if not isinstance(report, dict):
         raise SiteReportError(f"{site} sent no report")
     missing = [f for f in fields if f not in report]
     if missing:
         raise SiteReportError(f"{site}'s report lacks {', '.join(missing)}")
+    _expect(isinstance(report["device"], str), site, "device", "a string")
+    artifact_hash = report["harmonization_hash"]
+    _expect(
+        artifact_hash is None or isinstance(artifact_hash, str),
+        site,
+        "harmonization_hash",
+        "a string",
+    )
+    data = report["data"]
+    _expect(isinstance(data, dict), site, "data", "a mapping")
+    for key in ("training_cases", "validation_cases"):
+        _expect(_is_count(data.get(key)), site, f"data.{key}", "a case count")
+    counts = data.get("qc_counts", {})
+    _expect(
+        isinstance(counts, dict) and all(_is_count(v) for v in counts.values()),
+        site,
+        "data.qc_counts",
+        "a mapping of series counts",
+    )
+
+
+def _check_training(training: dict, site: str) -> None:
+    _expect(isinstance(training, dict), site, "training", "a mapping")
+    _expect(_is_count(training.get("steps")), site, "training.steps", "a step count")
+    for key in ("loss", "seconds"):
+        _expect(_is_number(training.get(key)), site, f"training.{key}", "a number")
+    weight = training.get("weight")
+    _expect(weight is None or _is_number(weight), site, "training.weight", "a number")
+
+
+def _check_validation(validation: dict, site: str) -> None:
+    _expect(isinstance(validation, dict), site, "validation", "a mapping")
+    metrics, cases = validation.get("metrics"), validation.get("cases")
+    _expect(
+        isinstance(metrics, dict) and all(_is_number(v) for v in metrics.values()),
+        site,
+        "validation.metrics",
+        "a mapping of numbers",
+    )
+    _expect(isinstance(cases, list), site, "validation.cases", "a list")
+    for case in cases:
+        valid = (
+            isinstance(case, dict)
+            and isinstance(case.get("case_id"), str)
+            and isinstance(case.get("dice"), dict)
+            and all(_is_number(v) for v in case["dice"].values())
+            # None: a site whose fedseg predates scoring a missed region by the grid diagonal
+            and isinstance(case.get("hd95"), dict)
+            and all(v is None or _is_number(v) for v in case["hd95"].values())
+        )
+        _expect(valid, site, "validation.cases", "case ids with Dice and HD95 numbers")
+
+
+def _expect(condition: bool, site: str, field: str, expected: str) -> None:
+    if not condition:
+        raise SiteReportError(f"{site}'s report: {field} is not {expected}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -9,16 +9,21 @@ HE filters. When the job shares AdamW's moments (its
 manifest says so), the site starts training from the global model's gradient RMS and sends its
 own with its model (:mod:`fedseg.moments`). ``evaluate`` tasks (the final global model's
 validation, cross-site evaluation) and ``submit_model`` tasks are served too. Each result
-declares a small report (metrics per region and per hashed case id, training loss, steps,
-weight and time, device and data counts; never images or weights) that the server gathers
-for the reports; the site keeps its own copy in ``fedseg_metrics_<site>.json``
-in its working folder.
+declares a small report (metrics per region and per case, training loss, steps, weight and
+time, device and data counts; never images or weights) that the server gathers for the
+reports. Its cases go under pseudonyms that only this site can resolve: keyed hashes of the
+dataset's case ids with a random key drawn for the job, which never leaves the site's
+process, so nobody holding a series' UID or a file's path can find its case in the reports.
+The site keeps its own copy, with the dataset's case ids and the pseudonym of each
+(``report_ids``), in ``fedseg_metrics_<site>.json`` in its working folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import secrets
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +36,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from app_site.engine import CaseMetrics, SegmentationEngine
 from app_site.harmonization import check_artifact_modality
-from app_site.site_config import site_dataset
+from app_site.site_config import check_training_dataset, site_dataset
 from fedseg.config import ConfigError, RunConfig, load_config
 from fedseg.files import write_json_atomic
 from fedseg.harmonization import artifact_transform, read_harmonization_artifact
@@ -52,12 +57,18 @@ METRICS_FILE = "fedseg_metrics_{site}.json"
 
 
 def summarize(cases: list[CaseMetrics]) -> dict[str, float]:
-    """Mean Dice and HD95 per region over cases (undefined HD95 left out)."""
+    """Mean Dice and HD95 per region over cases, and the mean Dice of the three regions.
+
+    Raises:
+        ValueError: If there is no case (a site validates on at least one:
+            :func:`app_site.site_config.check_training_dataset`).
+    """
+    if not cases:
+        raise ValueError("no validation case to summarize")
     summary = {}
     for region in ("TC", "WT", "ET"):
         summary[f"dice_{region}"] = float(np.mean([c.dice[region] for c in cases]))
-        distances = [c.hd95[region] for c in cases if c.hd95[region] is not None]
-        summary[f"hd95_{region}"] = float(np.mean(distances)) if distances else float("nan")
+        summary[f"hd95_{region}"] = float(np.mean([c.hd95[region] for c in cases]))
     summary["dice_mean"] = float(np.mean([summary[f"dice_{r}"] for r in ("TC", "WT", "ET")]))
     return summary
 
@@ -184,6 +195,7 @@ def run(script_folder: Path) -> None:
     manifest = json.loads((job_folder / JOB_MANIFEST_FILE).read_text())
     config = load_job_config(job_folder, manifest)
     dataset = site_dataset(site)
+    check_training_dataset(dataset)
     harmonization = None
     if manifest.get("harmonization_hash"):
         artifact = read_harmonization_artifact(
@@ -265,6 +277,19 @@ def _tensors(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(value) for key, value in weights.items()}
 
 
+def case_pseudonym(key: bytes, case_id: str) -> str:
+    """The name a case goes under in the reports a site declares.
+
+    Args:
+        key: The site's secret for the job (never sent).
+        case_id: The dataset's case id (``fedseg ingest``'s hash of a series UID or a path).
+
+    Returns:
+        ``case-`` and 12 hex digits of HMAC-SHA256(``key``, ``case_id``).
+    """
+    return "case-" + hmac.new(key, case_id.encode(), hashlib.sha256).hexdigest()[:12]
+
+
 class _SiteRecord:
     """The site's own metrics file, and the reports it declares to the server."""
 
@@ -272,6 +297,7 @@ class _SiteRecord:
         qc_path = dataset / "qc.json"
         counts = json.loads(qc_path.read_text())["counts"] if qc_path.is_file() else {}
         self.path = path
+        self._pseudonym_key = secrets.token_bytes(32)
         self.document = {
             "site": site,
             "device": str(engine.device),
@@ -284,6 +310,7 @@ class _SiteRecord:
             "rounds": [],
             "final": None,
             "evaluations": [],
+            "report_ids": {},  # pseudonym in the declared reports -> the dataset's case id
         }
 
     def round(self, number, metrics, cases, trained, weight) -> dict:
@@ -313,15 +340,26 @@ class _SiteRecord:
                 "aggregation_weight": weight,
             }
         )
+        declared = None if validation is None else self._declared(validation)
         self._write()
-        return {**self._site_fields(), "validation": validation, "training": training}
+        return {**self._site_fields(), "validation": declared, "training": training}
 
     def final(self, metrics, cases) -> dict:
         """Records the final global model's validation; returns the declared report."""
         validation = {"metrics": metrics, "cases": [asdict(c) for c in cases]}
         self.document["final"] = validation
+        declared = self._declared(validation)
         self._write()
-        return {**self._site_fields(), "validation": validation}
+        return {**self._site_fields(), "validation": declared}
+
+    def _declared(self, validation: dict) -> dict:
+        """``validation`` as the server gets it: each case under its pseudonym."""
+        cases = []
+        for case in validation["cases"]:
+            pseudonym = case_pseudonym(self._pseudonym_key, case["case_id"])
+            self.document["report_ids"][pseudonym] = case["case_id"]
+            cases.append({**case, "case_id": pseudonym})
+        return {**validation, "cases": cases}
 
     def _site_fields(self) -> dict:
         return {key: self.document[key] for key in ("device", "data", "harmonization_hash")}

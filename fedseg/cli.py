@@ -19,6 +19,7 @@ from rich.table import Table
 
 from app_server import federation as poc
 from app_server.federation import Federation, FederationError
+from app_server.report import FEDERATION, format_number
 from app_site.harmonization import (
     apply_to_dataset,
     check_dataset,
@@ -607,18 +608,19 @@ def _progress_printer(rounds: int | None):
 
 
 def print_final_metrics(report: Path) -> None:
-    """The final global model's metrics at each site, and where the reports are."""
-    table = Table(title="Validation of the final global model at each site")
-    for header in ("site", "device", "Dice TC", "Dice WT", "Dice ET", "HD95 WT mm"):
+    """Each site's summary (the final global model's validation), and where the reports are."""
+    federation = json.loads((report / f"{FEDERATION}.json").read_text())
+    table = Table(title="Validation at the end of training at each site")
+    for header in ("site", "model", "device", "Dice TC", "Dice WT", "Dice ET", "HD95 WT mm"):
         table.add_column(header)
-    for path in sorted(report.glob("site-*.json")):
-        document = json.loads(path.read_text())
-        metrics = document["summary"]["metrics"]
+    for site, summary in federation["summary"].items():
+        metrics = summary["metrics"] or {}
         table.add_row(
-            document["site"],
-            document["device"],
-            *(f"{metrics[f'dice_{r}']:.3f}" for r in ("TC", "WT", "ET")),
-            f"{metrics['hd95_WT']:.1f}",
+            site,
+            summary["model"] or "none validated",
+            federation["devices"][site],
+            *(format_number(metrics.get(f"dice_{r}"), 3) for r in ("TC", "WT", "ET")),
+            format_number(metrics.get("hd95_WT"), 1),
         )
     console.print(table)
     console.print(f"Reports: {report / 'federation.html'} and one page per site in {report}")

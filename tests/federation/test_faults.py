@@ -113,7 +113,18 @@ def test_the_server_refuses_non_finite_and_outlier_updates_in_a_plaintext_job(tm
     assert "non-finite values in w" in reasons["site-3"]
     assert "over 10 times the median" in reasons["site-4"]
     assert stored["round_contributors"] == {"0": ["site-1", "site-2"]}
+    # A straggler's update that arrives once its round was aggregated is refused for its round.
+    aggregator.reset(fl_ctx)
+    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 1, private=True, sticky=False)
+    late = DXO(DataKind.WEIGHT_DIFF, honest[0], {MetaKey.NUM_STEPS_CURRENT_ROUND: 8})
+    late = late.to_shareable()
+    late.add_cookie(AppConstants.CONTRIBUTION_ROUND, 0)
+    assert not aggregator.accept(late, fl_ctx)
+    (straggler,) = json.loads(next(tmp_path.rglob(SITE_REPORTS_FILE)).read_text())["refusals"][2:]
+    assert straggler["site"] == "site-4" and straggler["round"] == 0
+    assert "after its round was aggregated without it" in straggler["reason"]
     # A round with fewer usable updates than the minimum fails, naming who sent nothing.
+    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
     aggregator.reset(fl_ctx)
     assert submit(aggregator, fl_ctx, "site-1", honest[0])
     with pytest.raises(RoundTooSmall, match=r"1 usable update\(s\) \(site-1\), the job needs 2"):

@@ -67,6 +67,22 @@ def test_every_site_reports_finite_metrics_for_every_round(job_run):
     assert (workdir / "report" / "federation.html").is_file()
 
 
+def test_reported_cases_go_under_pseudonyms_only_their_site_resolves(datasets, job_run):
+    """Not the dataset's case ids (hashes of series UIDs): keyed with a key kept at the site."""
+    workdir, _ = job_run
+    for site in ("site-1", "site-2", "site-3"):
+        datalist = json.loads((datasets[site] / "datalist.json").read_text())
+        validation = {case["case_id"] for case in datalist["validation"]}
+        report = json.loads((workdir / "report" / f"{site}.json").read_text())
+        reported = {case["case_id"] for case in report["summary"]["cases"]}
+        assert len(reported) == len(validation) and not reported & validation
+        (own_file,) = (workdir / "simulation").rglob(f"fedseg_metrics_{site}.json")
+        own = json.loads(own_file.read_text())
+        assert {own["report_ids"][pseudonym] for pseudonym in reported} == validation
+        assert {case["case_id"] for case in own["final"]["cases"]} == validation
+        assert "report_ids" not in report
+
+
 def test_cross_site_evaluation_covers_every_model_on_every_site(job_run):
     workdir, _ = job_run
     matrix = json.loads((workdir / "report" / "federation.json").read_text())["cross_site"]

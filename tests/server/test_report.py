@@ -57,7 +57,7 @@ def test_bootstrap_interval_brackets_the_mean():
     values = [0.6, 0.7, 0.8, 0.75, 0.65]
     low, high = bootstrap_interval(values)
     assert low < np.mean(values) < high and 0.6 <= low and high <= 0.8
-    assert bootstrap_interval([0.5]) == (0.5, 0.5)
+    assert all(math.isnan(v) for v in bootstrap_interval([0.5]))  # one case: no spread
     assert all(math.isnan(v) for v in bootstrap_interval([None]))
 
 
@@ -74,23 +74,50 @@ def test_reports_hold_the_numbers_and_nothing_else(tmp_path):
     low, high = summary["intervals"]["dice_TC"]
     assert f"{low:.3f} to {high:.3f}" in page
     assert "<svg" in page and "case-000000000002" in page and "n/a" in page  # ET HD95 undefined
+    assert "bootstrap over 3 cases" in page
     assert summary["model"] == "final global model"
-    assert "packed CKKS" in page
+    assert summary["metrics"]["hd95_ET"] is None  # standard JSON: null, never NaN
+    assert "packed CKKS" in page and "Refused updates" not in page  # site-1 refused none
     federation = json.loads((tmp_path / "federation.json").read_text())
     assert federation["sites"] == ["site-1", "site-2"] and federation["mode"] == "he-packed"
-    assert federation["final"]["site-2"]["dice_WT"] == pytest.approx(0.6)
+    assert federation["summary"]["site-2"]["model"] == "final global model"
+    assert federation["summary"]["site-2"]["metrics"]["dice_WT"] == pytest.approx(0.6)
     page = (tmp_path / "federation.html").read_text()
     assert "site-2" in page and "Contributions per round" in page
+    assert "Final global model, all sites" in page
     assert page.count("<td>no</td>") == 1  # site-2 did not contribute to round 1
     assert "Refused updates" in page and "refused at the site: diverged" in page
+    own = (tmp_path / "site-2.html").read_text()  # a site's refusals are on its own page too
+    assert "Refused updates" in own and "refused at the site: diverged" in own
+
+
+def test_reports_are_standard_json_and_replace_an_earlier_run_whole(tmp_path):
+    documents = [site_document(site, 0.7) for site in ("site-1", "site-2", "site-3")]
+    write_reports(tmp_path / "report", collected(*documents))
+    write_reports(tmp_path / "report", collected(*documents[:2]))  # rerun with fewer sites
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "federation.html", "federation.json", "site-1.html", "site-1.json", "site-2.html",
+        "site-2.json",
+    ]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no staging folder left
+    for path in (tmp_path / "report").glob("*.json"):
+        json.loads(path.read_text(), parse_constant=pytest.fail)  # no NaN or Infinity
+    with pytest.raises(ValueError, match="a site is named 'federation'"):
+        write_reports(tmp_path / "report", collected(site_document("federation", 0.7)))
 
 
 def test_without_a_final_validation_the_last_round_is_summarized(tmp_path):
     document = {**site_document("site-1", 0.7), "final": None}
-    write_reports(tmp_path, collected(document))
+    write_reports(tmp_path, collected(document, site_document("site-2", 0.6)))
     summary = json.loads((tmp_path / "site-1.json").read_text())["summary"]
     assert summary["model"] == "global model of round 1"
     assert summary["metrics"]["dice_WT"] == document["rounds"][-1]["metrics"]["dice_WT"]
+    federation = json.loads((tmp_path / "federation.json").read_text())
+    assert federation["summary"]["site-1"]["model"] == "global model of round 1"
+    page = (tmp_path / "federation.html").read_text()  # never under a "final" heading
+    assert "Final global model, all sites" not in page
+    assert "not every site validated the final global model" in page
+    assert "<td>global model of round 1</td>" in page and "<td>final global model</td>" in page
 
 
 def test_rounds_without_validation_are_left_out_of_curves_and_summary(tmp_path):

@@ -14,7 +14,11 @@ from app_server.site_reports import (
 CASES = [{"case_id": "case-0123456789ab", "dice": {"TC": 0.5, "WT": 0.6, "ET": 0.4},
           "hd95": {"TC": 3.0, "WT": 2.0, "ET": None}}]  # fmt: skip
 METRICS = {"dice_TC": 0.5, "dice_WT": 0.6, "dice_ET": 0.4, "dice_mean": 0.5, "hd95_WT": 2.0}
-SITE = {"device": "cpu", "data": {"training_cases": 3}, "harmonization_hash": "ab" * 32}
+SITE = {
+    "device": "cpu",
+    "data": {"training_cases": 3, "validation_cases": 1, "qc_counts": {"accepted": 4}},
+    "harmonization_hash": "ab" * 32,
+}
 
 
 def round_report(loss=1.0):
@@ -79,6 +83,26 @@ def test_a_report_without_its_fields_is_refused(tmp_path):
         store.record_round("site-1", 0, {**SITE, "validation": {}})
     with pytest.raises(SiteReportError, match="site-1 sent no report"):
         store.record_final("site-1", None)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"data": {**SITE["data"], "training_cases": "<script>"}}, "data.training_cases"),
+        ({"data": {**SITE["data"], "qc_counts": {"accepted": "<img>"}}}, "data.qc_counts"),
+        ({"device": 0}, "device is not a string"),
+        ({"training": {"loss": "low", "steps": 8, "seconds": 1.0}}, "training.loss"),
+        ({"training": {"loss": 0.5, "steps": 8.5, "seconds": 1.0}}, "training.steps"),
+        ({"validation": {"metrics": {"dice_WT": None}, "cases": []}}, "validation.metrics"),
+        ({"validation": {"metrics": METRICS, "cases": [{"case_id": 7}]}}, "validation.cases"),
+    ],
+)
+def test_a_report_of_the_wrong_form_is_refused_and_nothing_recorded(tmp_path, change, message):
+    """What a site declares reaches the pages; a wrong type is refused, naming the field."""
+    store = SiteReports(tmp_path / SITE_REPORTS_FILE, "plaintext")
+    with pytest.raises(SiteReportError, match=rf"site-1's report: {message}"):
+        store.record_round("site-1", 0, {**round_report(), **change})
+    assert store.sites == {}
 
 
 @pytest.mark.parametrize(
