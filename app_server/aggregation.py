@@ -39,7 +39,7 @@ from fedseg.messages import (
     REFUSED_META_KEY,
     update_weight,
 )
-from fedseg.moments import MOMENTS_PREFIX
+from fedseg.moments import MOMENTS_PREFIX, split_moments
 from fedseg.packed_ckks import EncryptedSum, PackedCkksError
 
 
@@ -180,8 +180,9 @@ class PlaintextAggregator(_RoundAggregator):
 
     Args:
         min_sites: Fewest updates a global model is made of.
-        outlier_factor: Refuse an update whose norm exceeds this times the median norm of the
-            other updates of the round (with at least two others).
+        outlier_factor: Refuse an update whose network weights moved by more than this times
+            the median of the other updates of the round (with at least two others; shared
+            moments are not judged by it).
         mode: The job's mode, for the site reports.
         aggregation_weight: What the job weighs updates by (``training.aggregation_weight``).
     """
@@ -216,8 +217,13 @@ class PlaintextAggregator(_RoundAggregator):
         return None
 
     def _finish(self, fl_ctx: FLContext) -> list[tuple[str, str]]:
+        # The network's weights only. Shared moments' differences do not shrink with the
+        # learning rate: near the end of a poly schedule they were the whole norm, and one
+        # site's batch of unusual gradients read as an outlier (round 1796 of 1800).
         norms = {
-            site: float(np.sqrt(sum(float(np.sum(v * v)) for v in update.values())))
+            site: float(
+                np.sqrt(sum(float(np.sum(v * v)) for v in split_moments(update)[0].values()))
+            )
             for site, (update, _) in self._updates.items()
         }
         refused = []
@@ -225,8 +231,8 @@ class PlaintextAggregator(_RoundAggregator):
             others = [n for s, n in norms.items() if s != site]
             if len(others) >= 2 and norm > self.outlier_factor * float(np.median(others)):
                 reason = (
-                    f"update norm {norm:.3g} is over {self.outlier_factor:g} times the median "
-                    f"of the other sites' ({float(np.median(others)):.3g})"
+                    f"weight update norm {norm:.3g} is over {self.outlier_factor:g} times the "
+                    f"median of the other sites' ({float(np.median(others)):.3g})"
                 )
                 if any(name.startswith(MOMENTS_PREFIX) for name in self._updates[site][0]):
                     reason += (

@@ -123,8 +123,8 @@ class FederationConfig:
     ``training.min_sites`` arrived within ``round_timeout`` seconds (0: wait forever). A site
     refuses to send an update whose distance to the global model exceeds ``max_update_ratio``
     times the global model's norm; in a plaintext job the server also refuses an update whose
-    norm exceeds ``outlier_factor`` times the median of the other sites' updates (with
-    ``training.shared_moments`` the sites' update norms follow their gradients' scale: sites
+    network weights moved by more than ``outlier_factor`` times the median of the other sites'
+    (with ``training.shared_moments`` the sites' steps follow their gradients' scale: sites
     whose intensities differ by orders of magnitude need harmonization or a larger factor).
 
     A site that sent its result waits ``task_request_interval`` seconds before asking the

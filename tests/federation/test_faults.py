@@ -96,6 +96,29 @@ def submit(aggregator, fl_ctx, site, update, steps=8, weight=None):
     return aggregator.accept(shareable, fl_ctx)
 
 
+def test_the_outlier_rule_judges_the_weights_not_the_shared_moments(tmp_path):
+    """Late in a poly schedule the weights barely move while a site's gradient RMS still can."""
+    aggregator = PlaintextAggregator(min_sites=2, outlier_factor=10.0)
+    fl_ctx = server_context(tmp_path)
+    aggregator.reset(fl_ctx)
+    rng = np.random.default_rng(1)
+    for site, moments in (("site-1", 1e-4), ("site-2", 1e-4), ("site-3", 1.0)):
+        update = {"w": rng.normal(size=50) * 1e-4, moment_name("w"): np.full(50, moments)}
+        assert submit(aggregator, fl_ctx, site, update)
+    aggregator.aggregate(fl_ctx)  # site-3's moments moved 10000 times more: not an outlier
+    stored = json.loads(next(tmp_path.rglob(SITE_REPORTS_FILE)).read_text())
+    assert stored["round_contributors"] == {"0": ["site-1", "site-2", "site-3"]}
+    assert stored["refusals"] == []
+    aggregator.reset(fl_ctx)
+    for site, scale in (("site-1", 1e-4), ("site-2", 1e-4), ("site-3", 1.0)):
+        update = {"w": rng.normal(size=50) * scale, moment_name("w"): np.full(50, 1e-4)}
+        assert submit(aggregator, fl_ctx, site, update)
+    aggregator.aggregate(fl_ctx)
+    (refusal,) = json.loads(next(tmp_path.rglob(SITE_REPORTS_FILE)).read_text())["refusals"]
+    assert refusal["site"] == "site-3" and "weight update norm" in refusal["reason"]
+    assert "with shared moments" in refusal["reason"]
+
+
 def test_the_server_refuses_non_finite_and_outlier_updates_in_a_plaintext_job(tmp_path):
     aggregator = PlaintextAggregator(min_sites=2, outlier_factor=10.0)
     fl_ctx = server_context(tmp_path)
