@@ -1,8 +1,9 @@
 """NVFlare Client API loop of the harmonization fit: a thin shell over app_site.harmonization.
 
 Receives the fit configuration, computes this site's declared statistics on its own dataset
-and sends them. A site that must not share (too few images, wrong modality) sends no
-statistics, only its reason, and the server fails the job with it. The reason the server
+and sends them. A site that must not share (fewer images than the job's minimum or its own,
+:func:`app_site.site_config.site_min_images`; wrong modality) sends no statistics, only its
+reason, and the server fails the job with it. The reason the server
 reads names no file or folder of the site and no case (:func:`shareable_reason`); the
 site's log keeps the whole of it.
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel
 
 from app_site.harmonization import dataset_modality, site_statistics
-from app_site.site_config import site_dataset
+from app_site.site_config import site_dataset, site_min_images
 from fedseg.harmonization import HarmonizationConfig, HarmonizationError
 
 TASK_NAME = "fit_harmonization"
@@ -61,6 +63,9 @@ def run() -> None:
         dataset = None
         try:
             config = HarmonizationConfig.from_dict(task.params["config"])
+            own_minimum = site_min_images(site)
+            if own_minimum is not None and own_minimum > config.min_images:
+                config = replace(config, min_images=own_minimum)
             dataset = site_dataset(site)
             modality = dataset_modality(dataset)
             if modality != task.params["modality"]:
@@ -68,7 +73,7 @@ def run() -> None:
                     f"{site} holds {modality} images, the job fits {task.params['modality']}"
                 )
             statistics = site_statistics(dataset, config)
-        except (HarmonizationError, FileNotFoundError) as error:
+        except (HarmonizationError, OSError, ValueError) as error:
             logger.error("%s sends no harmonization statistics: %s", site, error)
             flare.send(FLModel(params={}, meta={"refused": shareable_reason(error, dataset)}))
             continue

@@ -1,12 +1,16 @@
-"""Where a site keeps its data: decided by the site, never by the job.
+"""What a site decides, never the job: where its data is, and how little it shares.
 
-Looked up, in order:
+The dataset folder is looked up, in order:
 
 1. the environment variable ``FEDSEG_DATASET_<SITE>`` (site name upper-cased, ``-`` as ``_``),
    for example ``FEDSEG_DATASET_SITE_1``;
 2. ``local/fedseg_site.json`` of the site's startup kit (``{"dataset": "/path"}``), found by
    looking upward from the job's working folder;
 3. the environment variable ``FEDSEG_DATASET``.
+
+The fewest images the site shares harmonization statistics of, whatever a job asks
+(:func:`site_min_images`), comes from ``FEDSEG_MIN_IMAGES_<SITE>`` or the same file's
+``min_harmonization_images``.
 """
 
 from __future__ import annotations
@@ -43,9 +47,46 @@ def shared_host_threads(sites_on_host: int, cpus: int | None = None) -> dict[str
     return dict.fromkeys(THREAD_VARIABLES, share)
 
 
-def site_environment_variable(site_name: str) -> str:
-    """The environment variable naming a site's dataset."""
-    return "FEDSEG_DATASET_" + site_name.upper().replace("-", "_").replace(".", "_")
+def site_environment_variable(site_name: str, setting: str = "DATASET") -> str:
+    """The environment variable of one of a site's settings (default: its dataset)."""
+    return f"FEDSEG_{setting}_" + site_name.upper().replace("-", "_").replace(".", "_")
+
+
+def site_min_images(site_name: str, start: Path | None = None) -> int | None:
+    """The fewest images this site shares harmonization statistics of, if it set a minimum.
+
+    A job's ``harmonization.min_images`` can only raise it: the statistics of one or two
+    images come close to those images' own histograms, and the site, not the researcher,
+    decides how close it lets them come.
+
+    Args:
+        site_name: The site's name in the federation.
+        start: Folder to look upward from for the startup kit (default: working folder).
+
+    Returns:
+        ``FEDSEG_MIN_IMAGES_<SITE>``, else the startup kit's ``min_harmonization_images``,
+        else ``None``.
+
+    Raises:
+        ValueError: If the setting is not a whole number of at least 1.
+    """
+    variable = site_environment_variable(site_name, "MIN_IMAGES")
+    value = os.environ.get(variable)
+    origin = variable
+    if value is None:
+        value = _startup_kit_settings(Path(start or Path.cwd())).get("min_harmonization_images")
+        origin = f"local/{SITE_CONFIG_FILE}'s min_harmonization_images"
+    if value is None:
+        return None
+    try:
+        minimum = int(value)
+    except (TypeError, ValueError):
+        minimum = 0
+    if minimum < 1 or str(minimum) != str(value).strip():
+        raise ValueError(
+            f"{site_name}: {origin} must be a whole number of at least 1, got {value!r}"
+        )
+    return minimum
 
 
 def site_dataset(site_name: str, start: Path | None = None) -> Path:
@@ -64,7 +105,7 @@ def site_dataset(site_name: str, start: Path | None = None) -> Path:
     variable = site_environment_variable(site_name)
     location = os.environ.get(variable)
     if not location:
-        location = _from_startup_kit(Path(start or Path.cwd()))
+        location = _startup_kit_settings(Path(start or Path.cwd())).get("dataset")
     if not location:
         location = os.environ.get("FEDSEG_DATASET")
     if not location:
@@ -113,12 +154,13 @@ def check_training_dataset(dataset: Path) -> None:
         )
 
 
-def _from_startup_kit(start: Path) -> str | None:
+def _startup_kit_settings(start: Path) -> dict:
+    """The site's ``local/fedseg_site.json``, found upward from ``start``; empty without one."""
     for folder in (start, *start.parents):
         config = folder / "local" / SITE_CONFIG_FILE
         if config.is_file():
-            return str(json.loads(config.read_text())["dataset"])
-    return None
+            return json.loads(config.read_text())
+    return {}
 
 
 def check_distinct_datasets(datasets: Sequence[Path]) -> None:

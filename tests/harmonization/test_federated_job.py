@@ -57,6 +57,20 @@ def test_a_refusing_site_fails_the_job_loudly(site_environment, tmp_path):
     assert not list((tmp_path / "sim").rglob("harmonization.json"))
 
 
+def test_a_site_shares_no_statistics_below_its_own_minimum(site_environment, tmp_path, monkeypatch):
+    """The job asks for 2 images per site; site-2 decided it shares nothing below 50."""
+    monkeypatch.setenv("FEDSEG_MIN_IMAGES_SITE_2", "50")
+    recipe = HarmonizationRecipe(CONFIG, "MR", min_sites=3, timeout=300)
+    with pytest.raises(RuntimeError, match="Simulation failed"):
+        recipe.execute(SimEnv(num_clients=3, workspace_root=str(tmp_path / "sim")))
+    server_logs = "".join(
+        p.read_text() for p in (tmp_path / "sim").rglob("log.txt") if "server" in p.parts
+    )
+    assert "2 site(s) sent statistics, 3 needed" in server_logs
+    assert re.search(r"site-2: the site's dataset: \d image\(s\), fewer than the 50", server_logs)
+    assert not list((tmp_path / "sim").rglob("harmonization.json"))
+
+
 def test_a_refusal_names_no_folder_file_or_case_of_the_site(tmp_path):
     dataset = tmp_path / "Smith_John"
     missing = FileNotFoundError(

@@ -9,6 +9,7 @@ from app_site.site_config import (
     THREAD_VARIABLES,
     shared_host_threads,
     site_dataset,
+    site_min_images,
 )
 
 
@@ -39,3 +40,19 @@ def test_the_dataset_comes_from_the_environment_or_the_startup_kit(tmp_path, mon
     assert site_dataset("site-1", start=kit / "job" / "app") == dataset
     with pytest.raises(FileNotFoundError, match="FEDSEG_DATASET_SITE_2"):
         site_dataset("site-2", start=tmp_path)
+
+
+def test_a_site_sets_its_own_minimum_of_shared_images(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDSEG_MIN_IMAGES_SITE_1", raising=False)
+    kit = tmp_path / "site-1"
+    (kit / "local").mkdir(parents=True)
+    assert site_min_images("site-1", start=kit) is None  # no file: the job's minimum holds
+    settings = {"dataset": "/data", "min_harmonization_images": 20}
+    (kit / "local" / SITE_CONFIG_FILE).write_text(json.dumps(settings))
+    assert site_min_images("site-1", start=kit / "job") == 20
+    monkeypatch.setenv("FEDSEG_MIN_IMAGES_SITE_1", "8")  # the environment comes first
+    assert site_min_images("site-1", start=kit) == 8
+    for wrong in ("0", "2.5", "many"):
+        monkeypatch.setenv("FEDSEG_MIN_IMAGES_SITE_1", wrong)
+        with pytest.raises(ValueError, match="FEDSEG_MIN_IMAGES_SITE_1 must be a whole number"):
+            site_min_images("site-1", start=kit)
