@@ -2,7 +2,8 @@
 
 Images are loaded, harmonized (with the job's artifact), reoriented to RAS and resampled to
 the configured spacing; labels become the three BraTS region channels (TC, WT, ET). Training
-uses random crops around tumour and background and DiceCE loss on sigmoid outputs.
+uses random crops around tumour and background and, on each region's sigmoid, soft Dice plus
+binary cross-entropy (:mod:`app_site.losses`).
 Validation runs sliding-window inference on whole volumes, on the training device, and
 reports Dice and HD95 per region and per case.
 
@@ -25,7 +26,6 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, ThreadDataLoader, load_decathlon_datalist
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
 from monai.metrics import compute_hausdorff_distance
 from monai.transforms import (
     Compose,
@@ -40,6 +40,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor, set_determinism
 
+from app_site.losses import region_loss
 from fedseg.config import RunConfig, ValidationConfig, scheduled_learning_rate
 from fedseg.moments import moment_name, moments_problem
 from models.networks import build_network
@@ -107,16 +108,24 @@ class Acceleration:
 
 
 def select_device(setting: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU.
+    """The device ``training.device`` names; ``auto`` picks CUDA when present, else the CPU.
 
     Raises:
-        RuntimeError: If CUDA is asked for and absent.
+        RuntimeError: If CUDA, or a CUDA device index the machine lacks, is asked for.
     """
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device is cuda, but no CUDA device is available")
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    device = torch.device(setting)
+    if device.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0:
+            raise RuntimeError(f"training.device is {setting}, but no CUDA device is available")
+        if device.index is not None and device.index >= available:
+            raise RuntimeError(
+                f"training.device is {setting}, but this machine has {available} CUDA "
+                f"device(s) (cuda:0 to cuda:{available - 1})"
+            )
+    return device
 
 
 def plan_acceleration(
@@ -338,7 +347,7 @@ class SegmentationEngine:
         )
         # The compiled wrapper shares the parameters; weights travel through the plain module.
         self._network = torch.compile(self.model) if self.acceleration.compile else self.model
-        self.loss = DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.loss = region_loss(config.training.loss)
         training = config.training
         if training.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(
@@ -370,7 +379,7 @@ class SegmentationEngine:
             files,
             transforms,
             cache_rate=self.config.data.cache_rate,
-            num_workers=self.config.data.num_workers or None,
+            num_workers=self.config.data.num_workers,  # MONAI fills with one thread at 0
             progress=False,
             copy_cache=not self.acceleration.device_cache,
         )

@@ -21,15 +21,18 @@ FedAvg job builds its own) with the same network, optimizer, learning rate, batc
 
 Compute budget, in optimizer steps of one batch: FedAvg runs R rounds of S local steps at each
 of the 3 sites, 3RS steps in all; centralized gets 3RS steps; each local-only model gets RS
-steps, its own site's share of the federation's compute. The default, 900 x 20 (54000 steps),
-is nine times the budget of the first measurements. At 6000 steps the centralized model was
+steps, its own site's share of the federation's compute. The default, 1800 x 10 (54000 steps),
+is nine times the budget of the first measurements, averaged twice as often as the 900 x 20 of
+the measurements before the region loss (``app_site.losses``): 1800 x 10 was chosen on a
+tuning federation of other patients (``benchmarks/quality_tuning.md``) before it was measured
+here. At 6000 steps the centralized model was
 still improving and FedAvg, which makes a third of centralized's sequential steps, trailed it
 in all nine site and region pairs (by up to 0.047 Dice, on validation splits of 4 to 8
 cases). At 300 x 20 (18000 steps, ``benchmarks/quality_300.md``) FedAvg's global model had
 stopped moving but centralized had not (it gains 0.016 mean Dice from 18000 to 54000 steps,
 ``benchmarks/quality_budget.md``), and FedAvg trailed it by up to 0.055 on the present
-validation splits. The default takes about ten hours on two CPU cores (586 min for the 18
-models), in parts (below).
+validation splits. The default takes more than ten hours on two CPU cores (586 min for the
+18 models at 900 x 20; a FedAvg model at 1800 x 10 takes 70 to 90 min), in parts (below).
 
 Every model is evaluated with the engine's sliding-window validation (``SegmentationEngine``
 with the model's weights loaded) on each training site's validation split and on the external
@@ -783,8 +786,8 @@ def machine() -> dict:
 def argument_parser() -> argparse.ArgumentParser:
     """The benchmark's command line; its defaults are the measurement the report reads."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=900, help="FedAvg rounds R (default 900)")
-    parser.add_argument("--local-steps", type=int, default=20, help="local steps S (default 20)")
+    parser.add_argument("--rounds", type=int, default=1800, help="FedAvg rounds R (default 1800)")
+    parser.add_argument("--local-steps", type=int, default=10, help="local steps S (default 10)")
     add_data_arguments(parser)
     parser.add_argument(
         "--aggregation-weight",

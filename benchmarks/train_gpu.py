@@ -4,7 +4,8 @@ SegResNet in the BraTS configuration (the ``gpu`` profile's network: one input c
 16 initial filters, blocks 1-2-2-4), 128³ crops, batch 2, on synthetic 1 mm head-sized volumes
 (240x240x155: head, skull, scalp, a tumour with necrotic core, enhancing rim and edema),
 generated in memory and written as NIfTI to a temporary folder; nothing is downloaded. Two
-loops train on the same files, network, loss (DiceCE), optimizer (AdamW) and crop sampling:
+loops train on the same files, network, loss (soft Dice plus binary
+cross-entropy per region, :mod:`app_site.losses`), optimizer (AdamW) and crop sampling:
 
 - reference: the loop of MONAI's tutorials: ``CacheDataset`` in host memory, ``DataLoader``
   with 4 worker processes (kept alive across the tiny synthetic epochs), float32, the loss
@@ -62,6 +63,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from app_site.engine import SegmentationEngine  # noqa: E402
+from app_site.losses import region_loss  # noqa: E402
 from benchmarks.markdown import write_section  # noqa: E402
 from fedseg.config import RunConfig, load_config  # noqa: E402
 from fedseg.files import write_json_atomic  # noqa: E402
@@ -369,7 +371,6 @@ def reference_transforms(roi: tuple[int, ...], train: bool):
 def reference_worker(spec: dict) -> dict:
     from monai.data import CacheDataset, DataLoader, load_decathlon_datalist
     from monai.inferers import sliding_window_inference
-    from monai.losses import DiceCELoss
     from monai.utils import set_determinism
 
     settings = Settings(**{k: _tuples(v) for k, v in spec["settings"].items()})
@@ -404,7 +405,7 @@ def reference_worker(spec: dict) -> dict:
         persistent_workers=workers > 0,
     )
     model = build_network(config.model.name, **config.model.args).to(device)
-    loss_function = DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    loss_function = region_loss(config.training.loss)
     optimizer = torch.optim.AdamW(
         model.parameters(), config.training.learning_rate, weight_decay=config.training.weight_decay
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -23,6 +24,8 @@ LR_SCHEDULES = ("poly", "constant")
 POLY_EXPONENT = 0.9
 #: What a site's update counts for in FedAvg's weighted mean (see :class:`TrainingConfig`).
 AGGREGATION_WEIGHTS = ("steps", "cases")
+#: Training losses over the region channels (see :mod:`app_site.losses`).
+LOSSES = ("dice_bce", "dice")
 #: The tag of YAML's merge key (``<<``), whose keys a mapping may override.
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -43,11 +46,12 @@ class ModelConfig:
 class DataConfig:
     """Pre-processing: target voxel spacing, training crop, caching.
 
-    ``num_workers`` threads fill the cache. ``device_cache`` keeps the cached (deterministic)
-    part of the training pipeline as plain tensors on the training device and runs the random
-    crops and flips there, fed by a ``ThreadDataLoader`` (MONAI's fast-training recipe): on
-    CUDA no volume crosses the bus during training. It costs device memory (about 5 bytes per
-    voxel of every training case) and works on the CPU too, where only the loader changes.
+    ``num_workers`` threads fill the cache (0: one). ``device_cache`` keeps the cached
+    (deterministic) part of the training pipeline as plain tensors on the training device and
+    runs the random crops and flips there, fed by a ``ThreadDataLoader`` (MONAI's
+    fast-training recipe): on CUDA no volume crosses the bus during training. It costs device
+    memory (about 5 bytes per voxel of every training case) and works on the CPU too, where
+    only the loader changes.
     """
 
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -87,6 +91,11 @@ class TrainingConfig:
     ``shared_moments`` (AdamW only) has the sites share AdamW's second moments through the
     global model (:mod:`fedseg.moments`), so that every site scales its steps alike; off,
     each site keeps its own.
+    ``loss`` is what each region channel is trained with, on a sigmoid of its own (the regions
+    nest, so a voxel may be in all three): ``dice_bce``, soft Dice plus binary cross-entropy
+    (nnU-Net's region-based training; the default), or ``dice``, soft Dice alone.
+    ``device`` is ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``
+    (one GPU of several).
     ``aggregation_weight`` is what each site's update counts for in the weighted mean that
     makes the global model: ``cases``, its training cases (times the share of
     ``local_steps`` it made; FedAvg as McMahan et al., 2017 weigh it: the federation then
@@ -97,6 +106,7 @@ class TrainingConfig:
     """
 
     optimizer: str = "adamw"
+    loss: str = "dice_bce"
     learning_rate: float = 1e-4
     lr_schedule: str = "poly"
     weight_decay: float = 1e-5
@@ -417,6 +427,7 @@ def _check_values(config: RunConfig, where: str) -> None:
     require("harmonization.min_images", harmonization.min_images >= 1, "at least 1")
     training = config.training
     require("training.optimizer", training.optimizer in ("adamw", "sgd"), "adamw or sgd")
+    require("training.loss", training.loss in LOSSES, f"one of {', '.join(LOSSES)}")
     if training.shared_moments and training.optimizer != "adamw":
         problems.setdefault(
             "training.shared_moments", "training.shared_moments needs training.optimizer adamw"
@@ -435,7 +446,11 @@ def _check_values(config: RunConfig, where: str) -> None:
     )
     for name in ("local_steps", "batch_size", "rounds", "min_sites"):
         require(f"training.{name}", getattr(training, name) >= 1, "at least 1")
-    require("training.device", training.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
+    require(
+        "training.device",
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", training.device) is not None,
+        "auto, cpu, cuda or cuda:N",
+    )
     federation = config.federation
     for name in ("straggler_seconds", "round_timeout"):
         require(f"federation.{name}", getattr(federation, name) >= 0, "at least 0")

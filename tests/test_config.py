@@ -54,7 +54,10 @@ def test_a_yaml_file_overrides_defaults(tmp_path):
         ({"data": {"roi_size": [30, 32, 32]}}, "data.roi_size must be positive multiples of 4 "
          "(the total downsampling of model unet with these model.args), got [30, 32, 32]"),
         ({"model": {"name": "vnet"}}, "model.name must be one of"),
-        ({"training": {"device": "tpu"}}, "training.device must be auto, cpu or cuda"),
+        ({"training": {"device": "tpu"}}, "training.device must be auto, cpu, cuda or cuda:N"),
+        ({"training": {"device": "cuda:x"}},
+         "training.device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+        ({"training": {"loss": "dice_ce"}}, "training.loss must be one of dice_bce, dice"),
         ({"harmonization": {"method": "histogram"}}, "harmonization.method must be"),
         ({"training": {"compile": "yes"}}, "training.compile must be true or false"),
         ({"training": {"channels_last": 1}}, "training.channels_last must be true or false"),

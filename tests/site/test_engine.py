@@ -172,8 +172,15 @@ def test_device_selection():
     else:
         with pytest.raises(RuntimeError, match="no CUDA device"):
             select_device("cuda")
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            select_device("cuda:1")
         assert select_device("auto").type == "cpu"
     assert select_device("cpu").type == "cpu"
+    count = torch.cuda.device_count()
+    if count:
+        assert select_device(f"cuda:{count - 1}") == torch.device("cuda", count - 1)
+        with pytest.raises(RuntimeError, match=f"has {count} CUDA device"):
+            select_device(f"cuda:{count}")
 
 
 def test_training_refuses_zero_steps(engine):
