@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app_server.site_reports import validated_rounds
+from app_server.site_reports import REGIONS, validated_rounds
 from fedseg.files import replace_folder, write_json_atomic, write_text_atomic
 
-REGIONS = ("TC", "WT", "ET")
 REGION_NAMES = {"TC": "tumour core", "WT": "whole tumour", "ET": "enhancing tumour"}
 MODE_NAMES = {
     "plaintext": "plaintext FedAvg",
@@ -37,6 +36,8 @@ COLOURS = {"TC": "#c0392b", "WT": "#2471a3", "ET": "#b7950b"}
 FINAL_MODEL = "final global model"
 #: The federation's page and JSON are named so in the report folder, beside the sites'.
 FEDERATION = "federation"
+#: The metrics of each region a validation reports, Dice then HD95.
+_REGION_METRICS = tuple(f"{metric}_{r}" for metric in ("dice", "hd95") for r in REGIONS)
 
 
 def bootstrap_interval(
@@ -81,7 +82,9 @@ def site_summary(document: dict) -> dict:
         summary["metrics"] = evaluated["metrics"]
         summary["cases"] = cases
         summary["intervals"] = {
-            f"dice_{r}": bootstrap_interval([c["dice"][r] for c in cases]) for r in REGIONS
+            f"{metric}_{r}": bootstrap_interval([c[metric][r] for c in cases])
+            for metric in ("dice", "hd95")
+            for r in REGIONS
         }
     return {**document, "summary": summary}
 
@@ -106,7 +109,7 @@ def federation_summary(sites: dict[str, dict], round_contributors: dict | None =
         "round_contributors": round_contributors or {},
         "curves": {
             name: [
-                {"round": r["round"], **{f"dice_{g}": r["metrics"][f"dice_{g}"] for g in REGIONS}}
+                {"round": r["round"], **{key: r["metrics"][key] for key in _REGION_METRICS}}
                 for r in validated_rounds(doc)
             ]
             for name, doc in sorted(sites.items())
@@ -185,22 +188,34 @@ def render_site(document: dict) -> str:
     """The site's page: curves, last-round table with intervals, cases, data, setup."""
     summary = document["summary"]
     rounds = document["rounds"]
+    validated = validated_rounds(document)
     curves = {
-        r: [(e["round"], e["metrics"][f"dice_{r}"]) for e in validated_rounds(document)]
-        for r in REGIONS
+        metric: {
+            r: [(e["round"], e["metrics"][f"{metric}_{r}"]) for e in validated] for r in REGIONS
+        }
+        for metric in ("dice", "hd95")
     }
     rows = ""
     case_count = len(summary.get("cases", []))
     if "metrics" in summary:
         for region in REGIONS:
-            low, high = summary["intervals"][f"dice_{region}"]
-            hd95 = summary["metrics"][f"hd95_{region}"]
+            dice_low, dice_high = summary["intervals"][f"dice_{region}"]
+            hd95_low, hd95_high = summary["intervals"][f"hd95_{region}"]
             rows += (
                 f"<tr><td>{REGION_NAMES[region]} ({region})</td>"
                 f"<td class=num>{summary['metrics'][f'dice_{region}']:.3f}</td>"
-                f"<td class=num>{format_number(low)} to {format_number(high)}</td>"
-                f"<td class=num>{format_number(hd95, 1)}</td></tr>"
+                f"<td class=num>{format_number(dice_low)} to {format_number(dice_high)}</td>"
+                f"<td class=num>{format_number(summary['metrics'][f'hd95_{region}'], 1)}</td>"
+                f"<td class=num>{format_number(hd95_low, 1)} to {format_number(hd95_high, 1)}"
+                "</td></tr>"
             )
+    validations = [(str(e["round"]), e["metrics"]) for e in validated]
+    if document.get("final"):
+        validations.append(("final", document["final"]["metrics"]))
+    validation_rows = "".join(
+        f"<tr><td>{label}</td>{_region_metric_cells(metrics)}</tr>"
+        for label, metrics in validations
+    )
     case_rows = ""
     for case in summary.get("cases", []):
         cells = "".join(f"<td class=num>{case['dice'][r]:.3f}</td>" for r in REGIONS)
@@ -222,10 +237,15 @@ started from, and the final global model. Training: {html.escape(_mode(document)
 Device: <b>{html.escape(document["device"])}</b>. Harmonization artifact:
 <b>{html.escape((document.get("harmonization_hash") or "none")[:12])}</b>.</p>
 <h2>Dice per round (global model received at the start of the round)</h2>
-{line_chart(curves, "Dice", (0.0, 1.0))}
+{line_chart(curves["dice"], "Dice", (0.0, 1.0))}
+<h2>HD95 per round (mm; lower is better)</h2>
+{line_chart(curves["hd95"], "HD95 (mm)", (0.0, _axis_top(curves["hd95"])))}
+<h2>Validation per round</h2>
+<table><tr><th>round</th>{"".join(f"<th>Dice {r}</th>" for r in REGIONS)}
+{"".join(f"<th>HD95 {r} (mm)</th>" for r in REGIONS)}</tr>{validation_rows}</table>
 <h2>{html.escape(summary.get("model", "no validation").capitalize())}</h2>
 <table><tr><th>region</th><th>Dice</th><th>95% CI (bootstrap over {case_count} cases)</th>
-<th>HD95 (mm)</th></tr>{rows}</table>
+<th>HD95 (mm)</th><th>95% CI</th></tr>{rows}</table>
 <p>HD95 of a region missed entirely, or predicted where the case has none, is the diagonal
 of the case's grid: the worst distance it can have.</p>
 <h2>Cases ({html.escape(summary.get("model", "-"))})</h2>
@@ -249,10 +269,7 @@ def render_federation(federation: dict) -> str:
     """The federation's page: every site side by side, and the Dice curves of each site."""
     rows = ""
     for site, summary in federation["summary"].items():
-        metrics = summary["metrics"] or {}
-        cells = "".join(
-            f"<td class=num>{format_number(metrics.get(f'dice_{r}'))}</td>" for r in REGIONS
-        )
+        cells = _region_metric_cells(summary["metrics"] or {})
         rows += (
             f"<tr><td>{html.escape(site)}</td><td>{html.escape(summary['model'] or 'none')}</td>"
             f"{cells}<td>{html.escape(federation['devices'][site])}</td></tr>"
@@ -263,26 +280,28 @@ def render_federation(federation: dict) -> str:
         if models == {FINAL_MODEL}
         else "Each site's last validation (not every site validated the final global model)"
     )
-    charts = "".join(
-        f"<h3>{html.escape(site)}</h3>"
-        + line_chart(
-            {r: [(e["round"], e[f"dice_{r}"]) for e in curve] for r in REGIONS}, "Dice", (0, 1)
+    charts = ""
+    for site, curve in federation["curves"].items():
+        dice = {r: [(e["round"], e[f"dice_{r}"]) for e in curve] for r in REGIONS}
+        hd95 = {r: [(e["round"], e[f"hd95_{r}"]) for e in curve] for r in REGIONS}
+        charts += (
+            f"<h3>{html.escape(site)}</h3>"
+            + line_chart(dice, "Dice", (0, 1))
+            + line_chart(hd95, "HD95 (mm)", (0, _axis_top(hd95)))
         )
-        for site, curve in federation["curves"].items()
-    )
     body = f"""
 <h1>Federation report</h1>
 <p>{len(federation["sites"])} sites; {html.escape(_mode(federation))}. Each site validated
 the global model on its own data; only these metrics left the sites.</p>
 <h2>{html.escape(heading)}</h2>
 <table><tr><th>site</th><th>model</th>{"".join(f"<th>Dice {r}</th>" for r in REGIONS)}
-<th>device</th></tr>
+{"".join(f"<th>HD95 {r} (mm)</th>" for r in REGIONS)}<th>device</th></tr>
 {rows}</table>
 {_contributors_table(federation["round_contributors"], federation["sites"])}
 {_refusals_table(federation.get("refusals", []))}
 {_resumptions_table(federation.get("resumptions", []))}
 {_cross_site_table(federation["cross_site"])}
-<h2>Dice per round</h2>{charts}"""
+<h2>Dice and HD95 per round</h2>{charts}"""
     return _page("fedseg federation report", body)
 
 
@@ -371,7 +390,10 @@ def line_chart(
     width: int = 480,
     height: int = 220,
 ) -> str:
-    """An inline SVG line chart of one or more series of (x, y) points, with a legend."""
+    """An inline SVG line chart of one or more series of (x, y) points, with a legend.
+
+    Points whose y is missing or not finite are left out of their series.
+    """
     margin = 40
     xs = [x for points in series.values() for x, _ in points] or [0]
     x_low, x_high = min(xs), max(max(xs), min(xs) + 1)
@@ -379,7 +401,7 @@ def line_chart(
 
     def position(x: float, y: float) -> tuple[float, float]:
         px = margin + (x - x_low) / (x_high - x_low) * (width - 2 * margin)
-        clipped = min(max(y, y_low), y_high) if math.isfinite(y) else y_low
+        clipped = min(max(y, y_low), y_high)
         py = height - margin - (clipped - y_low) / (y_high - y_low) * (height - 2 * margin)
         return px, py
 
@@ -399,7 +421,9 @@ def line_chart(
         parts.append(
             f'<text x="{px:.1f}" y="{height - margin + 14}" text-anchor="middle">{x:g}</text>'
         )
-    for index, (name, points) in enumerate(series.items()):
+    for index, (name, all_points) in enumerate(series.items()):
+        # a value that is not a number has no place on the axis: left out, not drawn at 0
+        points = [(x, y) for x, y in all_points if y is not None and math.isfinite(y)]
         colour = COLOURS.get(name, "#333")
         coordinates = " ".join("{:.1f},{:.1f}".format(*position(x, y)) for x, y in points)
         parts.append(
@@ -414,6 +438,22 @@ def line_chart(
         )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _region_metric_cells(metrics: dict) -> str:
+    """Table cells of a validation's Dice (3 decimals) and HD95 (mm, 1 decimal) per region."""
+    return "".join(
+        f"<td class=num>{format_number(metrics.get(key), 3 if key.startswith('dice') else 1)}</td>"
+        for key in _REGION_METRICS
+    )
+
+
+def _axis_top(series: dict[str, list[tuple[float, float]]]) -> float:
+    """A round upper end for a chart's value axis: the largest finite value, at least 1."""
+    values = [y for points in series.values() for _, y in points if y is not None]
+    largest = max([y for y in values if math.isfinite(y)], default=1.0)
+    step = 10 ** math.floor(math.log10(max(largest, 1.0)))
+    return math.ceil(max(largest, 1.0) / step) * step
 
 
 def format_number(value: float | None, digits: int = 3) -> str:

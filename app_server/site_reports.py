@@ -340,10 +340,12 @@ def _check_validation(validation: dict, site: str) -> None:
     _expect(isinstance(validation, dict), site, "validation", "a mapping")
     metrics, cases = validation.get("metrics"), validation.get("cases")
     _expect(
-        isinstance(metrics, dict) and all(_is_number(v) for v in metrics.values()),
+        isinstance(metrics, dict)
+        and all(_is_number(metrics.get(key)) for key in _SUMMARY_METRICS)
+        and all(_is_number(v) for v in metrics.values()),
         site,
         "validation.metrics",
-        "a mapping of numbers",
+        f"a mapping of numbers with {', '.join(_SUMMARY_METRICS)}",
     )
     _expect(isinstance(cases, list), site, "validation.cases", "a list")
     for case in cases:
@@ -351,12 +353,23 @@ def _check_validation(validation: dict, site: str) -> None:
             isinstance(case, dict)
             and isinstance(case.get("case_id"), str)
             and isinstance(case.get("dice"), dict)
-            and all(_is_number(v) for v in case["dice"].values())
+            and all(_is_number(case["dice"].get(region)) for region in REGIONS)
             # None: a site whose fedseg predates scoring a missed region by the grid diagonal
             and isinstance(case.get("hd95"), dict)
+            and all(region in case["hd95"] for region in REGIONS)
             and all(v is None or _is_number(v) for v in case["hd95"].values())
         )
-        _expect(valid, site, "validation.cases", "case ids with Dice and HD95 numbers")
+        _expect(
+            valid, site, "validation.cases", "case ids with Dice and HD95 numbers of TC, WT, ET"
+        )
+
+
+#: The regions every validation reports, and the summary metrics it reports of them.
+REGIONS = ("TC", "WT", "ET")
+_SUMMARY_METRICS = (
+    *(f"{metric}_{region}" for metric in ("dice", "hd95") for region in REGIONS),
+    "dice_mean",
+)
 
 
 def _expect(condition: bool, site: str, field: str, expected: str) -> None:

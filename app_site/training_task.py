@@ -211,13 +211,21 @@ def run(script_folder: Path) -> None:
     record = _SiteRecord(metrics_path, site, engine, dataset, manifest)
     shares_moments = bool(manifest.get("shared_moments"))
     weighting = manifest.get("aggregation_weight", "steps")  # jobs built before it: steps
+    # The model this site trained last and sent; evaluate tasks load other models into the
+    # engine, so cross-site evaluation asks for this one (``submit_model``).
+    local_model: dict[str, np.ndarray] | None = None
 
     while flare.is_running():
         task = flare.receive()
         if task is None:
             break
         if flare.is_submit_model():  # carries no weights: send this site's local model
-            flare.send(FLModel(params=_tensors(engine.weights())))
+            if local_model is None:
+                raise RuntimeError(
+                    f"{site} trained no round in this job, so it has no local model for "
+                    "cross-site evaluation (jobs that train no round do not ask for one)"
+                )
+            flare.send(FLModel(params=_tensors(local_model)))
             continue
         received, shared = split_moments({k: np.asarray(v) for k, v in task.params.items()})
         check_fits(engine, received)
@@ -248,8 +256,9 @@ def run(script_folder: Path) -> None:
                     FLModel(metrics=metrics or {}, current_round=task.current_round, meta=meta)
                 )
                 continue
+            local_model = weights
             if shares_moments:
-                weights.update(engine.gradient_rms())
+                weights = {**weights, **engine.gradient_rms()}
             # Full weights here; the job's transfer type or HE filters decide what travels.
             flare.send(
                 FLModel(

@@ -956,6 +956,16 @@ def measurement_record(progress: Iterable[ArmProgress]) -> dict:
     }
 
 
+def _loss_name(training: dict) -> str:
+    """How the report names the training loss (reports made before the option: DiceCE)."""
+    return {
+        "dice_bce": "soft Dice plus binary cross-entropy per region (`dice_bce`)",
+        "dice": "soft Dice per region (`dice`)",
+        None: "MONAI's DiceCELoss (before `training.loss`: cross-entropy as a softmax across "
+        "the region channels)",
+    }[training.get("loss")]
+
+
 def _fedavg_weighting(arms: dict) -> str:
     """FedAvg's ``training.aggregation_weight`` (steps in reports made before the option)."""
     return arms["harmonized"]["config"]["training"].get("aggregation_weight", "steps")
@@ -1008,7 +1018,8 @@ labelled cases.
 
 Run configuration (both arms; `tiny` with the benchmark's schedule): `{config["model"]["name"]}` \
 `{json.dumps(config["model"]["args"])}`, spacing {data["spacing"]} mm, crops {data["roi_size"]}, \
-batch {training["batch_size"]}, {training["optimizer"]} at learning rate \
+batch {training["batch_size"]}, loss {_loss_name(training)}, {training["optimizer"]} at \
+learning rate \
 {training["learning_rate"]} ({training["lr_schedule"]} schedule over each model's whole run, \
 weight decay {training["weight_decay"]}), FedAvg's sites {moments}, {weighting}, and validating \
 the global model every {config["validation"]["every_rounds"]} rounds and the final one, training \

@@ -47,9 +47,11 @@ from fedseg.synth.check import CaseCheck, SynthCheckError, check_hospitals
 from fedseg.synth.hospitals import CaseSummary, SiteSummary, SynthConfig, synthesize_hospitals
 from jobs.resume import ResumeError, find_resume_point
 from jobs.runner import (
+    export_harmonization_job,
     export_job,
     export_resumed_job,
     rejoin_in_federation,
+    resolve_artifact,
     resume_in_federation,
     resume_job,
     run_in_federation,
@@ -65,6 +67,9 @@ _LOG_WIDTH = 160
 console = Console(width=None if sys.stdout.isatty() else _LOG_WIDTH)
 #: Where ``fedseg poc`` keeps its federation unless told otherwise.
 DEFAULT_FEDERATION = poc.PROJECT_TEMPLATE.parent / "federation"
+HARMONIZATION_HELP = (
+    "fitted harmonization artifact, or the downloaded result folder of the harmonization job"
+)
 error_console = Console(stderr=True, width=None if sys.stderr.isatty() else _LOG_WIDTH)
 
 
@@ -212,6 +217,27 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--artifact", type=Path, required=True)
     check.add_argument("--dataset", type=Path, required=True)
     check.set_defaults(handler=run_harmonize_check)
+    export = actions.add_parser(
+        "export",
+        help="write the federated fit as a job folder for nvflare job submit / the admin console",
+        description="Write the job that fits the run configuration's harmonization from the "
+        "sites' declared statistics. Submit it, download its result once it finished, and pass "
+        "that folder to `fedseg job export --harmonization`.",
+    )
+    export.add_argument("--config", required=True, help="run configuration YAML or profile")
+    export.add_argument("--out", type=Path, required=True, help="folder to write the job into")
+    export.add_argument(
+        "--modality",
+        choices=MODALITIES,
+        help="the sites' modality (default: CT for the ct method, MR otherwise)",
+    )
+    export.add_argument(
+        "--min-sites",
+        type=int,
+        help="fewest sites whose statistics make a fit (default: the "
+        "configuration's training.min_sites)",
+    )
+    export.set_defaults(handler=run_harmonize_export)
 
     job = commands.add_parser(
         "job", help="run the federated segmentation job in the simulator, or export it"
@@ -229,14 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--site", type=Path, action="append", required=True, help="ingested dataset (repeat)"
     )
     job_run.add_argument("--workdir", type=Path, required=True, help="where results go")
-    job_run.add_argument("--harmonization", type=Path, help="fitted harmonization artifact")
+    job_run.add_argument("--harmonization", type=Path, help=HARMONIZATION_HELP)
     job_run.set_defaults(handler=run_job_command)
     job_export = job_actions.add_parser(
         "export", help="write the job folder for nvflare job submit / the admin console"
     )
     job_export.add_argument("--config", required=True, help="run configuration YAML or profile")
-    job_export.add_argument("--out", type=Path, required=True, help="job folder to write")
-    job_export.add_argument("--harmonization", type=Path, help="fitted harmonization artifact")
+    job_export.add_argument(
+        "--out", type=Path, required=True, help="folder to write the job folder into"
+    )
+    job_export.add_argument("--harmonization", type=Path, help=HARMONIZATION_HELP)
     _add_encryption_argument(job_export, default="packed")
     job_export.set_defaults(handler=export_job_command)
     job_submit = job_actions.add_parser(
@@ -250,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     job_submit.add_argument("--config", required=True, help="run configuration YAML or profile")
     _add_workspace_argument(job_submit)
     job_submit.add_argument("--workdir", type=Path, required=True, help="where results go")
-    job_submit.add_argument("--harmonization", type=Path, help="fitted harmonization artifact")
+    job_submit.add_argument("--harmonization", type=Path, help=HARMONIZATION_HELP)
     _add_encryption_argument(job_submit, default=None)
     job_submit.set_defaults(handler=submit_job_command)
     job_resume = job_actions.add_parser(
@@ -500,14 +528,31 @@ def run_job_command(args: argparse.Namespace) -> int:
         f"Running {config.training.rounds} round(s) of FedAvg on {len(args.site)} simulated "
         f"site(s) with {config.model.name}; logs under {args.workdir / 'simulation'}"
     )
-    report = run_job(config, args.site, args.workdir, args.harmonization)
+    artifact = args.harmonization and resolve_artifact(args.harmonization)
+    report = run_job(config, args.site, args.workdir, artifact)
     print_final_metrics(report)
+    return 0
+
+
+def run_harmonize_export(args: argparse.Namespace) -> int:
+    """Handles ``fedseg harmonize export``."""
+    config = load_config(args.config)
+    modality = args.modality or ("CT" if config.harmonization.method == "ct" else "MR")
+    if args.min_sites is not None and args.min_sites < 1:
+        raise ValueError(f"--min-sites must be at least 1, got {args.min_sites}")
+    folder = export_harmonization_job(config, args.out, modality, args.min_sites)
+    console.print(
+        f"Job folder written to {folder}; submit it with `submit_job {folder}` in the admin "
+        "console, download its result when it finished, and pass that folder to `fedseg job "
+        "export --harmonization`"
+    )
     return 0
 
 
 def export_job_command(args: argparse.Namespace) -> int:
     """Handles ``fedseg job export``."""
-    folder = export_job(load_config(args.config), args.out, args.harmonization, args.encryption)
+    artifact = args.harmonization and resolve_artifact(args.harmonization)
+    folder = export_job(load_config(args.config), args.out, artifact, args.encryption)
     console.print(
         f"Job folder written to {folder}; submit it with `submit_job {folder}` in the admin "
         f"console, or `fedseg job submit`"
@@ -519,7 +564,11 @@ def submit_job_command(args: argparse.Namespace) -> int:
     """Handles ``fedseg job submit``."""
     federation = Federation(args.workspace.resolve())
     report = submit_with_progress(
-        federation, load_config(args.config), args.workdir, args.harmonization, args.encryption
+        federation,
+        load_config(args.config),
+        args.workdir,
+        args.harmonization and resolve_artifact(args.harmonization),
+        args.encryption,
     )
     print_final_metrics(report)
     return 0

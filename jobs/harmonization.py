@@ -12,9 +12,12 @@ from nvflare.recipe.spec import Recipe
 
 from app_server.harmonization import ARTIFACT_FILE, HarmonizationController
 from app_site.harmonization_task import TASK_NAME
-from fedseg.harmonization import HarmonizationConfig
+from fedseg.config import RunConfig
+from fedseg.harmonization import HarmonizationConfig, check_method_fits_modality
 
 CLIENT_SCRIPT = Path(__file__).resolve().parent / "scripts" / "harmonization_client.py"
+#: Seconds the server of a federation waits for the sites' statistics.
+FEDERATION_FIT_TIMEOUT = 1800
 
 
 class HarmonizationRecipe(Recipe):
@@ -53,6 +56,36 @@ class HarmonizationRecipe(Recipe):
         )
         job.to_clients(runner, tasks=[TASK_NAME])
         super().__init__(job)
+
+
+def harmonization_recipe(
+    config: RunConfig, modality: str, min_sites: int, timeout: int = FEDERATION_FIT_TIMEOUT
+) -> HarmonizationRecipe:
+    """The federated fit of the harmonization a run configuration asks for.
+
+    Args:
+        config: The run configuration (its ``harmonization`` section).
+        modality: The sites' modality, ``MR`` or ``CT``.
+        min_sites: Fewest sites whose statistics make a fit.
+        timeout: Seconds the server waits for the sites (0: no limit).
+
+    Returns:
+        The recipe.
+
+    Raises:
+        ValueError: If the configuration asks for no harmonization, or for a method that does
+            not fit ``modality``.
+    """
+    settings = config.harmonization
+    if settings.method == "none":
+        raise ValueError(
+            "the configuration's harmonization.method is none: there is nothing to fit"
+        )
+    fit = HarmonizationConfig(
+        method=settings.method, mask_method=settings.mask, min_images=settings.min_images
+    )
+    check_method_fits_modality(fit.method, modality)
+    return HarmonizationRecipe(fit, modality, min_sites, timeout=timeout)
 
 
 def find_artifact(result_dir: Path) -> Path:

@@ -77,6 +77,11 @@ class ResumePoint:
     moments: Path | None
     reports: dict
 
+    @property
+    def trains(self) -> bool:
+        """Whether rounds are left to train (otherwise only the final validation is)."""
+        return self.next_round < self.config.training.rounds
+
 
 def find_resume_point(run_folder: Path) -> ResumePoint:
     """Reads an interrupted job's server run folder and checks it can be resumed.

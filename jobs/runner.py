@@ -12,6 +12,7 @@ part again (``fedseg job rejoin``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -44,12 +45,11 @@ from app_site.site_config import (
     site_environment_variable,
 )
 from fedseg.config import RunConfig
+from fedseg.files import write_json_atomic
 from fedseg.harmonization import (
-    HarmonizationConfig,
-    check_method_fits_modality,
     read_harmonization_artifact,
 )
-from jobs.harmonization import HarmonizationRecipe, find_artifact
+from jobs.harmonization import find_artifact, harmonization_recipe
 from jobs.resume import ResumePoint, find_resume_point
 from jobs.segmentation import checked_artifact_hash, segmentation_recipe
 
@@ -92,13 +92,7 @@ def fit_harmonization(config: RunConfig, datasets: Sequence[Path], workdir: Path
     modalities = {dataset_modality(d) for d in datasets}
     if len(modalities) != 1:
         raise ValueError(f"sites hold different modalities: {sorted(modalities)}")
-    settings = config.harmonization
-    fit = HarmonizationConfig(
-        method=settings.method, mask_method=settings.mask, min_images=settings.min_images
-    )
-    modality = modalities.pop()
-    check_method_fits_modality(fit.method, modality)
-    recipe = HarmonizationRecipe(fit, modality, min_sites=len(datasets), timeout=600)
+    recipe = harmonization_recipe(config, modalities.pop(), len(datasets), timeout=600)
     with site_environment(datasets):
         run = recipe.execute(
             SimEnv(
@@ -211,10 +205,13 @@ def resume_job(run_folder: Path, datasets: Sequence[Path], workdir: Path) -> Pat
         )
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    return _simulate(segmentation_recipe(point.config, resume=point), datasets, workdir)
+    recipe = segmentation_recipe(point.config, resume=point)
+    return _simulate(recipe, datasets, workdir, local_models=point.trains)
 
 
-def _simulate(recipe: Recipe, datasets: Sequence[Path], workdir: Path) -> Path:
+def _simulate(
+    recipe: Recipe, datasets: Sequence[Path], workdir: Path, local_models: bool = True
+) -> Path:
     """Runs a plaintext segmentation recipe in the simulator; writes the reports."""
     simulation = workdir / "simulation"
     with site_environment(datasets) as names:
@@ -222,11 +219,15 @@ def _simulate(recipe: Recipe, datasets: Sequence[Path], workdir: Path) -> Path:
             SimEnv(num_clients=len(datasets), workspace_root=str(simulation), log_config="WARNING")
         )
         result = Path(run.get_result())
-    return write_job_reports(result, workdir / "report", names, encryption="none")
+    return write_job_reports(result, workdir / "report", names, "none", local_models)
 
 
 def write_job_reports(
-    result: Path, report_dir: Path, sites: Sequence[str], encryption: str
+    result: Path,
+    report_dir: Path,
+    sites: Sequence[str],
+    encryption: str,
+    local_models: bool = True,
 ) -> Path:
     """Checks a finished job's results and writes the reports from them.
 
@@ -236,6 +237,8 @@ def write_job_reports(
         sites: Sites that must have reported.
         encryption: How the job's updates travelled: plaintext jobs also ran cross-site
             evaluation; jobs with NVFlare's stock HE filters ran no final validation.
+        local_models: Whether the job trained, so that its cross-site evaluation covers the
+            sites' local models (:func:`read_cross_site_results`).
 
     Returns:
         ``report_dir``.
@@ -245,7 +248,7 @@ def write_job_reports(
             results are empty fails, whatever status NVFlare reported.
     """
     collected = read_site_reports(result, list(sites), final=encryption != "stock")
-    matrix = read_cross_site_results(result, sites) if encryption == "none" else None
+    matrix = read_cross_site_results(result, sites, local_models) if encryption == "none" else None
     write_reports(report_dir, collected, matrix)
     return Path(report_dir)
 
@@ -258,12 +261,21 @@ def _harmonization_for(config: RunConfig, artifact: Path | None, fit) -> Path | 
     return None if artifact is None else Path(artifact)
 
 
-def read_cross_site_results(result: Path, sites: Sequence[str]) -> dict:
+def read_cross_site_results(result: Path, sites: Sequence[str], local_models: bool = True) -> dict:
     """The cross-site evaluation matrix (validating site -> model owner -> metrics).
 
+    Every site must have validated every model: the global one (``SRV_...``) and, in a job
+    that trained, each site's local model, each with a finite mean Dice.
+
+    Args:
+        result: The job's result folder.
+        sites: The sites that took part.
+        local_models: Whether the sites submitted local models (a job that trained no round,
+            resumed after its last, evaluates the global model alone).
+
     Raises:
-        RuntimeError: If it is missing, or a site validated nothing: a job whose evaluation
-            results are empty fails, whatever status NVFlare reported.
+        RuntimeError: If the matrix is missing or has a gap: a job whose evaluation results
+            are empty or partial fails, whatever status NVFlare reported.
     """
     found = sorted(Path(result).rglob("cross_val_results.json"))
     if not found:
@@ -274,6 +286,21 @@ def read_cross_site_results(result: Path, sites: Sequence[str]) -> dict:
         raise RuntimeError(
             f"cross-site evaluation returned no results for {', '.join(empty)} "
             f"({found[0]}); see those sites' logs"
+        )
+    global_models = {owner for row in matrix.values() for owner in row if owner.startswith("SRV_")}
+    owners = sorted(global_models) or ["the global model"]
+    if local_models:
+        owners += list(sites)
+    gaps = [
+        f"{site} on {owner}"
+        for site in sites
+        for owner in owners
+        if not math.isfinite((matrix[site].get(owner) or {}).get("dice_mean") or math.nan)
+    ]
+    if gaps:
+        raise RuntimeError(
+            f"cross-site evaluation has no finite Dice for {', '.join(gaps)} ({found[0]}); "
+            "see those sites' logs and the server log"
         )
     return matrix
 
@@ -299,6 +326,48 @@ def export_job(
     return export_recipe(segmentation_recipe(config, harmonization_artifact, encryption), output)
 
 
+def export_harmonization_job(
+    config: RunConfig, output: Path, modality: str, min_sites: int | None = None
+) -> Path:
+    """Writes the job folder of the federated harmonization fit the configuration asks for.
+
+    Its result, downloaded once it finished, holds the artifact the segmentation job takes
+    (:func:`resolve_artifact`).
+
+    Args:
+        config: Run configuration (its ``harmonization`` section).
+        output: Folder to write it into.
+        modality: The sites' modality, ``MR`` or ``CT``.
+        min_sites: Fewest sites whose statistics make a fit; default ``training.min_sites``.
+
+    Returns:
+        The job folder (``output/<job name>``).
+
+    Raises:
+        ValueError: If the configuration asks for no harmonization, or for a method that does
+            not fit ``modality``.
+    """
+    sites = min_sites or config.training.min_sites
+    return export_recipe(harmonization_recipe(config, modality, sites), output)
+
+
+def resolve_artifact(path: Path) -> Path:
+    """A harmonization artifact file, or the one in a harmonization job's result folder.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist, or is a folder without an artifact.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return find_artifact(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no such harmonization artifact (give the artifact file, or the downloaded "
+            "result folder of the harmonization job)"
+        )
+    return path
+
+
 def export_recipe(recipe: Recipe, output: Path) -> Path:
     """Exports a recipe into ``output``, replacing an earlier export of the same job.
 
@@ -307,7 +376,41 @@ def export_recipe(recipe: Recipe, output: Path) -> Path:
         left alone.
     """
     recipe.export(str(output))
-    return Path(output).resolve() / recipe.name
+    job_folder = Path(output).resolve() / recipe.name
+    make_script_paths_portable(job_folder)
+    return job_folder
+
+
+def make_script_paths_portable(job_folder: Path) -> None:
+    """Points every app's client script path into the app's own ``custom`` folder.
+
+    NVFlare's ``ScriptRunner`` records the script path it is given: an absolute one ties the
+    exported job to the folder fedseg is installed in on the exporting machine, and every site
+    deployed elsewhere fails with ``script_path=... not found``. The script is shipped in the
+    app's ``custom`` folder, where NVFlare finds a path relative to it.
+
+    Raises:
+        RuntimeError: If a client script is not shipped in its app's ``custom`` folder.
+    """
+    for config_file in sorted(Path(job_folder).glob("*/config/config_fed_client.json")):
+        custom = config_file.parents[1] / "custom"
+        document = json.loads(config_file.read_text())
+        changed = False
+        for executor in document.get("executors", []):
+            arguments = executor.get("executor", {}).get("args", {})
+            script = arguments.get("task_script_path")
+            if not script or not Path(script).is_absolute():
+                continue
+            shipped = sorted(custom.rglob(Path(script).name))
+            if len(shipped) != 1:
+                raise RuntimeError(
+                    f"{config_file}: the client script {Path(script).name} should be shipped "
+                    f"once in {custom}, found {len(shipped)}; export the job again"
+                )
+            arguments["task_script_path"] = shipped[0].relative_to(custom).as_posix()
+            changed = True
+        if changed:
+            write_json_atomic(config_file, document, indent=4)
 
 
 def run_in_federation(
@@ -349,14 +452,7 @@ def run_in_federation(
     workdir.mkdir(parents=True, exist_ok=True)
 
     def fit() -> Path:
-        fit_config = HarmonizationConfig(
-            method=config.harmonization.method,
-            mask_method=config.harmonization.mask,
-            min_images=config.harmonization.min_images,
-        )
-        modality = _federation_modality(federation)
-        check_method_fits_modality(fit_config.method, modality)
-        recipe = HarmonizationRecipe(fit_config, modality, min_sites=len(sites), timeout=1800)
+        recipe = harmonization_recipe(config, _federation_modality(federation), len(sites))
         result = submit_and_fetch(federation, recipe, workdir / "harmonization", on_poll)
         target = workdir / "harmonization.json"
         shutil.copyfile(find_artifact(result), target)
@@ -398,7 +494,9 @@ def resume_in_federation(
     check_encryption(federation, point.encryption)
     recipe = segmentation_recipe(point.config, resume=point)
     result = submit_and_fetch(federation, recipe, Path(workdir).resolve() / "segmentation", on_poll)
-    return write_job_reports(result, Path(workdir) / "report", federation.sites, point.encryption)
+    return write_job_reports(
+        result, Path(workdir) / "report", federation.sites, point.encryption, point.trains
+    )
 
 
 def rejoin_in_federation(

@@ -133,7 +133,10 @@ def segmentation_recipe(
         recipe = _stock_he_recipe(config, name, min_sites, staging)
     else:
         job = _scatter_and_gather(config, name, min_sites, encryption == "packed", staging, resume)
-        recipe = _packed_he_recipe(job) if encryption == "packed" else _plaintext_recipe(job)
+        if encryption == "packed":
+            recipe = _packed_he_recipe(job)
+        else:
+            recipe = _plaintext_recipe(job, local_models=resume is None or resume.trains)
     shared_moments = config.training.shared_moments and encryption != "stock"
     if config.training.shared_moments and not shared_moments:
         logger.warning("encryption stock carries the network alone: sites keep their own moments")
@@ -185,8 +188,10 @@ def checked_artifact_hash(config: RunConfig, artifact: Path | None) -> str | Non
     if artifact is None:
         if settings.method != "none":
             raise ValueError(
-                "the configuration asks for harmonization: fit an artifact first "
-                "(fedseg harmonize fit, or let fedseg job run fit it)"
+                "the configuration asks for harmonization: fit an artifact first and pass it "
+                "(or the harmonization job's downloaded result folder) as --harmonization; in a "
+                "federation, submit the fit that `fedseg harmonize export` writes (`fedseg job "
+                "run` and `fedseg job submit` fit it themselves)"
             )
         return None
     if settings.method == "none":
@@ -206,20 +211,29 @@ def checked_artifact_hash(config: RunConfig, artifact: Path | None) -> str | Non
     return document["hash"]
 
 
-def _plaintext_recipe(job: FedJob) -> Recipe:
-    job.to_clients(_script_runner(TransferType.DIFF))
+def _plaintext_recipe(job: FedJob, local_models: bool) -> Recipe:
+    """Rounds and final validation, then cross-site evaluation.
+
+    Every site validates every site's local model and the global one; a job that trains no
+    round (resumed after its last) leaves its sites no local model, and evaluates the global
+    model alone.
+    """
+    job.to_clients(_script_runner(TransferType.DIFF), tasks=[_TRAIN, _VALIDATE, _SUBMIT])
     job.to_clients(
         OutgoingAudit(), tasks=[_TRAIN, _VALIDATE, _SUBMIT], filter_type=FilterType.TASK_RESULT
     )
-    # Then every site validates every site's local model and the global one.
     locator = job.to_server(GlobalModelLocator(persistor_id="persistor"), id="locator")
     job.to_server(ValidationJsonGenerator())
-    job.to_server(CrossSiteModelEval(model_locator_id=locator))
+    job.to_server(
+        CrossSiteModelEval(
+            model_locator_id=locator, submit_model_task_name=_SUBMIT if local_models else ""
+        )
+    )
     return Recipe(job)
 
 
 def _packed_he_recipe(job: FedJob) -> Recipe:
-    job.to_clients(_script_runner(TransferType.FULL))
+    job.to_clients(_script_runner(TransferType.FULL), tasks=[_TRAIN, _VALIDATE, _SUBMIT])
     job.to_clients(PackedHEDecryptor(), tasks=[_TRAIN, _VALIDATE], filter_type=FilterType.TASK_DATA)
     # Result filters run in order: encrypt, then audit what actually leaves.
     job.to_clients(PackedHEEncryptor(), tasks=[_TRAIN], filter_type=FilterType.TASK_RESULT)

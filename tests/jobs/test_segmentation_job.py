@@ -23,6 +23,27 @@ from models.networks import build_network
 FEDSEG = str(Path(sys.executable).with_name("fedseg"))
 
 
+def fedseg(*arguments: str) -> None:
+    """Runs a ``fedseg`` command as a user does; fails the test with its output."""
+    result = subprocess.run([FEDSEG, *arguments], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """Three hospitals from ``fedseg synth``, each turned into a dataset by ``fedseg ingest``."""
+    hospitals = tmp_path_factory.mktemp("hospitals")
+    fedseg("synth", "--out", str(hospitals), "--sites", "3", "--cases-per-site", "2",
+           "--size", "48", "--seed", "7")  # fmt: skip
+    folders = {}
+    for site in ("site-1", "site-2", "site-3"):
+        folders[site] = tmp_path_factory.mktemp(f"dataset-{site}")
+        source = hospitals / site
+        fedseg("ingest", "--input", str(source / "dicom"), "--output", str(folders[site]),
+               "--manifest", str(source / "manifest.csv"))  # fmt: skip
+    return folders
+
+
 @pytest.fixture(scope="module")
 def job_run(datasets, tmp_path_factory):
     """synth -> ingest -> federated harmonization fit -> 2 FedAvg rounds."""
@@ -90,6 +111,10 @@ def test_cross_site_evaluation_covers_every_model_on_every_site(job_run):
     for row in matrix.values():
         assert {"SRV_FL_global_model.pt", "site-1", "site-2", "site-3"} <= set(row)
         assert all(0.0 <= metrics["dice_mean"] <= 1.0 for metrics in row.values())
+        # each site's own model, not the global one it validated before (same model, same
+        # data: the same metrics to the last digit)
+        for owner in ("site-1", "site-2", "site-3"):
+            assert row[owner] != row["SRV_FL_global_model.pt"], owner
     assert "Cross-site evaluation" in (workdir / "report" / "federation.html").read_text()
 
 
@@ -189,6 +214,17 @@ def test_exported_job_folder(tmp_path, job_run, encryption, components):
     (server_config,) = job.rglob("config_fed_server.json")
     interval = json.loads(server_config.read_text())["server"]["task_request_interval"]
     assert interval == load_config("tiny").federation.task_request_interval == 0.2
+    # nothing ties the job to this machine: the client script is found in the app's custom folder
+    assert str(Path(__file__).resolve().parents[2]) not in configs
+    (client_config,) = job.rglob("config_fed_client.json")
+    scripts = [
+        executor["executor"]["args"]["task_script_path"]
+        for executor in json.loads(client_config.read_text())["executors"]
+    ]
+    assert scripts and all(
+        not Path(script).is_absolute() and (client_config.parents[1] / "custom" / script).is_file()
+        for script in scripts
+    ), scripts
     shipped = {p.name for p in job.rglob("fedseg_*")}
     assert {"fedseg_run.yaml", "fedseg_harmonization.json", "fedseg_job.json",
             "fedseg_initial_model.pt"} <= shipped  # fmt: skip
@@ -204,6 +240,38 @@ def test_exported_job_folder(tmp_path, job_run, encryption, components):
         assert rounds["args"]["memory_gc_rounds"] == SERVER_MEMORY_CLEANUP_ROUNDS > 1
 
 
+def test_the_harmonization_fit_exports_and_its_result_feeds_the_job_export(job_run, tmp_path):
+    """The operator's way: export the fit, submit it, download it, export the job with it."""
+    workdir, _ = job_run
+    run_config = str(workdir / "run.yaml")
+    fedseg("harmonize", "export", "--config", run_config, "--out", str(tmp_path / "fit"))
+    (fit,) = (tmp_path / "fit").iterdir()
+    assert json.loads((fit / "meta.json").read_text())["min_clients"] == 2
+    server = json.dumps(json.loads(next(fit.rglob("config_fed_server.json")).read_text()))
+    assert "HarmonizationController" in server and '"nyul"' in server
+    (client_config,) = fit.rglob("config_fed_client.json")
+    (executor,) = json.loads(client_config.read_text())["executors"]
+    script = executor["executor"]["args"]["task_script_path"]
+    assert (client_config.parents[1] / "custom" / script).is_file(), script
+    # the fit's result folder (here the simulator's) stands for its artifact
+    fedseg("job", "export", "--config", run_config, "--out", str(tmp_path / "job"),
+           "--harmonization", str(workdir / "simulation"))  # fmt: skip
+    manifest = json.loads(next((tmp_path / "job").rglob("fedseg_job.json")).read_text())
+    artifact = json.loads((workdir / "harmonization.json").read_text())
+    assert manifest["harmonization_hash"] == artifact["hash"]
+
+
+def test_a_configuration_without_harmonization_has_no_fit_to_export(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("harmonization:\n  method: none\n")
+    result = subprocess.run(
+        [FEDSEG, "harmonize", "export", "--config", str(config), "--out", str(tmp_path / "fit")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "there is nothing to fit" in result.stderr
+    assert not (tmp_path / "fit").exists()
+
+
 def test_empty_cross_site_results_fail_loudly(tmp_path):
     from jobs.runner import read_cross_site_results
 
@@ -217,6 +285,36 @@ def test_empty_cross_site_results_fail_loudly(tmp_path):
     (folder / "cross_val_results.json").write_text(json.dumps({"site-1": {"site-1": {}}}))
     with pytest.raises(RuntimeError, match="no results for site-1, site-2"):
         read_cross_site_results(tmp_path, ["site-1", "site-2"])
+
+
+def test_partial_cross_site_results_fail_naming_the_gaps(tmp_path):
+    """Every site validates the global model and every local model, each with a finite Dice."""
+    from jobs.runner import read_cross_site_results
+
+    folder = tmp_path / "server" / "cross_site_val"
+    folder.mkdir(parents=True)
+    good = {"dice_mean": 0.5}
+    matrix = {
+        "site-1": {"SRV_FL_global_model.pt": good, "site-1": good, "site-2": good},
+        "site-2": {"SRV_FL_global_model.pt": good, "site-1": {"dice_mean": None}},
+    }
+    (folder / "cross_val_results.json").write_text(json.dumps(matrix))
+    with pytest.raises(RuntimeError, match="no finite Dice for site-2 on site-1, site-2 on site-2"):
+        read_cross_site_results(tmp_path, ["site-1", "site-2"])
+    matrix["site-2"].update({"site-1": good, "site-2": good})
+    (folder / "cross_val_results.json").write_text(json.dumps(matrix))
+    assert read_cross_site_results(tmp_path, ["site-1", "site-2"]) == matrix
+    # a job that trained no round has no local models: the global model alone is evaluated
+    global_only = {site: {"SRV_FL_global_model.pt": good} for site in ("site-1", "site-2")}
+    (folder / "cross_val_results.json").write_text(json.dumps(global_only))
+    with pytest.raises(RuntimeError, match="site-1 on site-1"):
+        read_cross_site_results(tmp_path, ["site-1", "site-2"])
+    assert read_cross_site_results(tmp_path, ["site-1", "site-2"], local_models=False)
+    del global_only["site-2"]["SRV_FL_global_model.pt"]
+    global_only["site-2"]["site-1"] = good
+    (folder / "cross_val_results.json").write_text(json.dumps(global_only))
+    with pytest.raises(RuntimeError, match=r"site-2 on SRV_FL_global_model\.pt"):
+        read_cross_site_results(tmp_path, ["site-1", "site-2"], local_models=False)
 
 
 def server_run_copy(job_run, destination):

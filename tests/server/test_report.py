@@ -75,6 +75,11 @@ def test_reports_hold_the_numbers_and_nothing_else(tmp_path):
     assert f"{low:.3f} to {high:.3f}" in page
     assert "<svg" in page and "case-000000000002" in page and "n/a" in page  # ET HD95 undefined
     assert "bootstrap over 3 cases" in page
+    # HD95 per round, plotted and tabulated with the final model's row, and its interval
+    assert "HD95 per round" in page and page.count("<svg") == 2 and "<td>final</td>" in page
+    hd95_low, hd95_high = summary["intervals"]["hd95_TC"]
+    assert 4.0 <= hd95_low < hd95_high <= 6.0 and f"{hd95_low:.1f} to {hd95_high:.1f}" in page
+    assert "<td class=num>5.0</td>" in page  # rounds' HD95 TC
     assert summary["model"] == "final global model"
     assert summary["metrics"]["hd95_ET"] is None  # standard JSON: null, never NaN
     assert "packed CKKS" in page and "Refused updates" not in page  # site-1 refused none
@@ -84,6 +89,8 @@ def test_reports_hold_the_numbers_and_nothing_else(tmp_path):
     assert federation["summary"]["site-2"]["metrics"]["dice_WT"] == pytest.approx(0.6)
     page = (tmp_path / "federation.html").read_text()
     assert "site-2" in page and "Contributions per round" in page
+    assert "HD95 TC (mm)" in page and page.count("<svg") == 4  # Dice and HD95 of each site
+    assert federation["curves"]["site-1"][0]["hd95_TC"] == 5.0
     assert "Final global model, all sites" in page
     assert page.count("<td>no</td>") == 1  # site-2 did not contribute to round 1
     assert "Refused updates" in page and "refused at the site: diverged" in page

@@ -13,7 +13,8 @@ from app_server.site_reports import (
 
 CASES = [{"case_id": "case-0123456789ab", "dice": {"TC": 0.5, "WT": 0.6, "ET": 0.4},
           "hd95": {"TC": 3.0, "WT": 2.0, "ET": None}}]  # fmt: skip
-METRICS = {"dice_TC": 0.5, "dice_WT": 0.6, "dice_ET": 0.4, "dice_mean": 0.5, "hd95_WT": 2.0}
+METRICS = {"dice_TC": 0.5, "dice_WT": 0.6, "dice_ET": 0.4, "dice_mean": 0.5,
+           "hd95_TC": 3.0, "hd95_WT": 2.0, "hd95_ET": 373.1}  # fmt: skip
 SITE = {
     "device": "cpu",
     "data": {"training_cases": 3, "validation_cases": 1, "qc_counts": {"accepted": 4}},
@@ -95,6 +96,20 @@ def test_a_report_without_its_fields_is_refused(tmp_path):
         ({"training": {"loss": 0.5, "steps": 8.5, "seconds": 1.0}}, "training.steps"),
         ({"validation": {"metrics": {"dice_WT": None}, "cases": []}}, "validation.metrics"),
         ({"validation": {"metrics": METRICS, "cases": [{"case_id": 7}]}}, "validation.cases"),
+        # every region's summary and per-case metrics, or the reports could not be rendered
+        (
+            {
+                "validation": {
+                    "metrics": {k: v for k, v in METRICS.items() if k != "hd95_ET"},
+                    "cases": CASES,
+                }
+            },
+            "validation.metrics is not a mapping of numbers with",
+        ),
+        (
+            {"validation": {"metrics": METRICS, "cases": [{**CASES[0], "dice": {"WT": 0.6}}]}},
+            "validation.cases is not case ids with Dice and HD95 numbers of TC, WT, ET",
+        ),
     ],
 )
 def test_a_report_of_the_wrong_form_is_refused_and_nothing_recorded(tmp_path, change, message):
