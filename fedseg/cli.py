@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -45,6 +45,7 @@ from fedseg.harmonization import (
 )
 from fedseg.synth.check import CaseCheck, SynthCheckError, check_hospitals
 from fedseg.synth.hospitals import CaseSummary, SiteSummary, SynthConfig, synthesize_hospitals
+from jobs.progress import RoundProgress
 from jobs.resume import ResumeError, find_resume_point
 from jobs.runner import (
     export_harmonization_job,
@@ -529,7 +530,8 @@ def run_job_command(args: argparse.Namespace) -> int:
         f"site(s) with {config.model.name}; logs under {args.workdir / 'simulation'}"
     )
     artifact = args.harmonization and resolve_artifact(args.harmonization)
-    report = run_job(config, args.site, args.workdir, artifact)
+    printer = _round_printer(config.training.rounds)
+    report = run_job(config, args.site, args.workdir, artifact, printer)
     print_final_metrics(report)
     return 0
 
@@ -593,7 +595,8 @@ def resume_job_command(args: argparse.Namespace) -> int:
     if args.workdir is None:
         raise ValueError("--workdir is needed: where the results go")
     if args.site:
-        print_final_metrics(resume_job(run_folder, args.site, args.workdir))
+        printer = _round_printer(rounds=None)  # known once the run folder is read
+        print_final_metrics(resume_job(run_folder, args.site, args.workdir, printer))
         return 0
     federation = Federation(args.workspace.resolve())
     if not run_folder.is_dir():
@@ -654,6 +657,31 @@ def _progress_printer(rounds: int | None):
             console.print(f"  job {name} ({meta.get('job_id', '?')[:8]}): {state}")
 
     return on_poll
+
+
+def _round_printer(rounds: int | None) -> Callable[[RoundProgress], None]:
+    """An ``on_round`` callback printing each round that validated, and the last one.
+
+    Rounds without validation (``validation.every_rounds``) pass silently, so a long run
+    prints a line per validation, not per round.
+
+    Args:
+        rounds: The job's number of rounds, when known before it starts.
+    """
+
+    def on_round(progress: RoundProgress) -> None:
+        last = rounds is not None and progress.round == rounds - 1
+        if not (progress.dice or last):
+            return
+        dice = ", ".join(f"{site} {value:.3f}" for site, value in progress.dice.items())
+        console.print(
+            f"  round {progress.round + 1}"
+            + (f" of {rounds}" if rounds else "")
+            + f": {len(progress.sites)} site(s)"
+            + (f"; mean Dice of the global model it started from: {dice}" if dice else "")
+        )
+
+    return on_round
 
 
 def print_final_metrics(report: Path) -> None:

@@ -50,6 +50,7 @@ from fedseg.harmonization import (
     read_harmonization_artifact,
 )
 from jobs.harmonization import find_artifact, harmonization_recipe
+from jobs.progress import RoundProgress, watching_rounds
 from jobs.resume import ResumePoint, find_resume_point
 from jobs.segmentation import checked_artifact_hash, segmentation_recipe
 
@@ -83,6 +84,30 @@ def site_environment(datasets: Sequence[Path]):
                 os.environ[key] = value
 
 
+#: Characters NVFlare's simulator launcher cannot pass in a path: it splits its command line
+#: like a shell, with comments.
+_UNSAFE_PATH_CHARACTERS = frozenset(" \t\n#'\"\\")
+
+
+def simulator_workspace(workdir: Path) -> Path:
+    """The simulator's workspace in ``workdir``: ``workdir/simulation``.
+
+    Raises:
+        ValueError: If the path holds a character NVFlare's simulator launcher splits or cuts
+            its command line at (a space, ``#``, a quote or a backslash): the simulation would
+            fail with nothing but its return code.
+    """
+    simulation = Path(workdir) / "simulation"
+    unsafe = sorted(_UNSAFE_PATH_CHARACTERS & set(str(simulation)))
+    if unsafe:
+        shown = " ".join(repr(character) for character in unsafe)
+        raise ValueError(
+            f"{workdir}: NVFlare's simulator cannot run in a folder whose path holds {shown}; "
+            "choose a --workdir without them"
+        )
+    return simulation
+
+
 def fit_harmonization(config: RunConfig, datasets: Sequence[Path], workdir: Path) -> Path:
     """Fits the harmonization artifact federatedly in the simulator.
 
@@ -97,7 +122,7 @@ def fit_harmonization(config: RunConfig, datasets: Sequence[Path], workdir: Path
         run = recipe.execute(
             SimEnv(
                 num_clients=len(datasets),
-                workspace_root=str(workdir / "simulation"),
+                workspace_root=str(simulator_workspace(workdir)),
                 log_config="WARNING",
             )
         )
@@ -112,6 +137,7 @@ def run_job(
     datasets: Sequence[Path],
     workdir: Path,
     harmonization_artifact: Path | None = None,
+    on_round: Callable[[RoundProgress], None] | None = None,
 ) -> Path:
     """Runs the segmentation job (plaintext) in the simulator and writes the reports.
 
@@ -121,6 +147,7 @@ def run_job(
         workdir: Where the simulation, the artifact and ``report/`` are written.
         harmonization_artifact: Fitted artifact; fitted federatedly first when the
             configuration asks for harmonization and none is given.
+        on_round: Called with each round the server recorded, while the job runs.
 
     Returns:
         The ``report`` folder: ``<site>.json`` + ``.html`` per site, ``federation.json`` +
@@ -128,8 +155,9 @@ def run_job(
 
     Raises:
         ValueError: If fewer datasets than ``training.min_sites`` are given, one is given
-            twice or has no training or validation case, or the artifact does not fit the
-            configuration (:func:`jobs.segmentation.checked_artifact_hash`).
+            twice or has no training or validation case, the artifact does not fit the
+            configuration (:func:`jobs.segmentation.checked_artifact_hash`), or ``workdir`` is
+            a path the simulator cannot run in (:func:`simulator_workspace`).
         FileNotFoundError: If a dataset folder holds no ``datalist.json``.
         HarmonizationError: If the artifact was fitted on another modality than a dataset's.
         RuntimeError: If a site's validation results are missing.
@@ -139,6 +167,7 @@ def run_job(
     for dataset in datasets:
         check_training_dataset(Path(dataset))
     workdir = Path(workdir).resolve()
+    simulator_workspace(workdir)  # refused before any work
     workdir.mkdir(parents=True, exist_ok=True)
     harmonization_artifact = _harmonization_for(
         config, harmonization_artifact, lambda: fit_harmonization(config, datasets, workdir)
@@ -147,7 +176,8 @@ def run_job(
         artifact = read_harmonization_artifact(harmonization_artifact)
         for dataset in datasets:
             check_artifact_modality(artifact, dataset)
-    return _simulate(segmentation_recipe(config, harmonization_artifact), datasets, workdir)
+    recipe = segmentation_recipe(config, harmonization_artifact)
+    return _simulate(recipe, datasets, workdir, on_round=on_round)
 
 
 def check_encryption(federation: Federation, encryption: str) -> None:
@@ -181,13 +211,19 @@ def check_enough_sites(sites: int, min_sites: int) -> None:
         )
 
 
-def resume_job(run_folder: Path, datasets: Sequence[Path], workdir: Path) -> Path:
+def resume_job(
+    run_folder: Path,
+    datasets: Sequence[Path],
+    workdir: Path,
+    on_round: Callable[[RoundProgress], None] | None = None,
+) -> Path:
     """Resumes an interrupted plaintext job (of :func:`run_job`) in the simulator.
 
     Args:
         run_folder: The interrupted job's server run folder (``simulate_job`` in its
             ``simulation`` folder).
         datasets: One ingested dataset per site, as in the interrupted run.
+        on_round: Called with each round the server recorded, while the job runs.
         workdir: Where the new simulation and ``report/`` are written.
 
     Returns:
@@ -195,8 +231,16 @@ def resume_job(run_folder: Path, datasets: Sequence[Path], workdir: Path) -> Pat
 
     Raises:
         ResumeError: If the job cannot be resumed (see :func:`find_resume_point`).
-        ValueError: If the job was encrypted (resume it in its federation).
+        ValueError: If the job was encrypted (resume it in its federation), or the run folder
+            lies in the simulation the resumed job would clear, or ``workdir`` is a path the
+            simulator cannot run in (:func:`simulator_workspace`).
     """
+    simulation = simulator_workspace(Path(workdir).resolve())
+    if Path(run_folder).resolve().is_relative_to(simulation):
+        raise ValueError(
+            f"{run_folder}: the interrupted run lies in {simulation}, which the simulator clears "
+            "before it starts (its logs and reports would be lost); resume with another --workdir"
+        )
     point = find_resume_point(run_folder)
     if point.encryption != "none":
         raise ValueError(
@@ -206,15 +250,19 @@ def resume_job(run_folder: Path, datasets: Sequence[Path], workdir: Path) -> Pat
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     recipe = segmentation_recipe(point.config, resume=point)
-    return _simulate(recipe, datasets, workdir, local_models=point.trains)
+    return _simulate(recipe, datasets, workdir, point.trains, on_round)
 
 
 def _simulate(
-    recipe: Recipe, datasets: Sequence[Path], workdir: Path, local_models: bool = True
+    recipe: Recipe,
+    datasets: Sequence[Path],
+    workdir: Path,
+    local_models: bool = True,
+    on_round: Callable[[RoundProgress], None] | None = None,
 ) -> Path:
     """Runs a plaintext segmentation recipe in the simulator; writes the reports."""
-    simulation = workdir / "simulation"
-    with site_environment(datasets) as names:
+    simulation = simulator_workspace(workdir)
+    with site_environment(datasets) as names, watching_rounds(simulation, on_round):
         run = recipe.execute(
             SimEnv(num_clients=len(datasets), workspace_root=str(simulation), log_config="WARNING")
         )

@@ -64,6 +64,9 @@ def job_run(datasets, tmp_path_factory):
 def test_every_site_reports_finite_metrics_for_every_round(job_run):
     workdir, result = job_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # progress while it runs: every round validated (tiny: every_rounds 1)
+    for number in (1, 2):
+        assert f"round {number} of 2: 3 site(s); mean Dice of the global model" in result.stdout
     reports = sorted((workdir / "report").glob("site-*.json"))
     assert [p.stem for p in reports] == ["site-1", "site-2", "site-3"]
     for path in reports:
@@ -336,6 +339,33 @@ def remove_final_validation(run_folder, failures=()):
     if failures:
         content["failures"] = list(failures)
     reports.write_text(json.dumps(content))
+
+
+def test_resuming_into_the_simulation_that_holds_the_interrupted_run_is_refused(datasets, job_run):
+    """The simulator clears its job folder first: the interrupted run's logs would be lost."""
+    workdir, _ = job_run
+    (manifest,) = (workdir / "simulation").rglob(
+        "server/simulate_job/app_server/custom/fedseg_job.json"
+    )
+    run_folder = manifest.parents[2]
+    sites = [a for name in ("site-1", "site-2", "site-3") for a in ("--site", str(datasets[name]))]
+    result = subprocess.run(
+        [FEDSEG, "job", "resume", str(run_folder), *sites, "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "which the simulator clears" in result.stderr
+    assert manifest.is_file()
+
+
+def test_a_workdir_the_simulator_cannot_run_in_is_refused_before_any_work(datasets, tmp_path):
+    workdir = tmp_path / "results #1"
+    sites = [a for name in ("site-1", "site-2") for a in ("--site", str(datasets[name]))]
+    result = subprocess.run(
+        [FEDSEG, "job", "run", "--config", "tiny", *sites, "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "choose a --workdir without them" in result.stderr
+    assert "' '" in result.stderr and "'#'" in result.stderr and not workdir.exists()
 
 
 def test_a_completed_job_has_nothing_to_resume(job_run, tmp_path):
