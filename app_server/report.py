@@ -164,6 +164,7 @@ def _write_reports(folder: Path, collected: dict, cross_site: dict) -> list[str]
     federation["mode"] = mode
     federation["refusals"] = refusals
     federation["resumptions"] = collected.get("resumptions", [])
+    federation["absent"] = collected.get("absent", [])
     federation["cross_site"] = cross_site
     pages = {name: (document, render_site(document)) for name, document in sites.items()}
     pages[FEDERATION] = (federation, render_federation(federation))
@@ -293,6 +294,7 @@ def render_federation(federation: dict) -> str:
 <h1>Federation report</h1>
 <p>{len(federation["sites"])} sites; {html.escape(_mode(federation))}. Each site validated
 the global model on its own data; only these metrics left the sites.</p>
+{_absent_paragraph(federation.get("absent", []))}
 <h2>{html.escape(heading)}</h2>
 <table><tr><th>site</th><th>model</th>{"".join(f"<th>Dice {r}</th>" for r in REGIONS)}
 {"".join(f"<th>HD95 {r} (mm)</th>" for r in REGIONS)}<th>device</th></tr>
@@ -308,6 +310,16 @@ the global model on its own data; only these metrics left the sites.</p>
 def _mode(document: dict) -> str:
     mode = document.get("mode", "plaintext")
     return MODE_NAMES.get(mode, mode)
+
+
+def _absent_paragraph(absent: list[str]) -> str:
+    """The sites the job expected that reported nothing (no page of their own)."""
+    if not absent:
+        return ""
+    return (
+        f"<p class=warning><b>No report from {html.escape(', '.join(absent))}</b>: the job "
+        "expected these sites, and they reported no round; their logs say why.</p>"
+    )
 
 
 def _contributors_table(contributors: dict, sites: list[str]) -> str:
@@ -471,6 +483,7 @@ body {{ font-family: sans-serif; margin: 2em; color: #222; max-width: 60em; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }}
 td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+p.warning {{ border-left: 4px solid #c0392b; padding-left: 0.6em; }}
 svg.chart text {{ font-size: 12px; }}
 </style></head><body>{body}
 </body></html>

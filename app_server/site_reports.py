@@ -200,13 +200,36 @@ def read_site_reports(result_dir: Path, sites: list[str] | None = None, final: b
             the final global model, or a metric is not finite: a job whose validation results
             are missing fails, whatever status NVFlare reported.
     """
+    path, content = load_site_reports(result_dir)
+    problems = site_report_problems(content, sites, final)
+    if problems:
+        raise RuntimeError(f"{path}: " + "; ".join(problems) + "; see those sites' logs")
+    return content
+
+
+def load_site_reports(result_dir: Path) -> tuple[Path, dict]:
+    """The server's site reports in a job result, unchecked: their file and its content.
+
+    Raises:
+        RuntimeError: If the server recorded none.
+    """
     found = sorted(Path(result_dir).rglob(SITE_REPORTS_FILE))
     if not found:
         raise RuntimeError(
             f"{result_dir}: the server recorded no site reports ({SITE_REPORTS_FILE}); "
             "see the server log"
         )
-    content = json.loads(found[0].read_text())
+    return found[0], json.loads(found[0].read_text())
+
+
+def site_report_problems(
+    content: dict, sites: list[str] | None = None, final: bool = True
+) -> list[str]:
+    """What is missing or not finite in a job's site reports (see :func:`read_site_reports`).
+
+    Returns:
+        One line per site with a problem (empty when the reports are complete).
+    """
     documents = content["sites"]
     expected = sorted(sites) if sites is not None else sorted(documents)
     problems = []
@@ -224,9 +247,7 @@ def read_site_reports(result_dir: Path, sites: list[str] | None = None, final: b
             problems.append(f"{site} reported non-finite Dice")
     if not expected:
         problems.append("no site reported")
-    if problems:
-        raise RuntimeError(f"{found[0]}: " + "; ".join(problems) + "; see those sites' logs")
-    return content
+    return problems
 
 
 def resumed_content(content: dict, next_round: int, interrupted_job: str) -> dict:

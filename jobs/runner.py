@@ -35,7 +35,12 @@ from app_server.federation import (
     wait_for_job,
 )
 from app_server.report import write_reports
-from app_server.site_reports import SITE_REPORTS_FILE, read_site_reports, with_rejoined_sites
+from app_server.site_reports import (
+    SITE_REPORTS_FILE,
+    load_site_reports,
+    site_report_problems,
+    with_rejoined_sites,
+)
 from app_site.harmonization import check_artifact_modality, dataset_modality
 from app_site.site_config import (
     check_distinct_datasets,
@@ -292,12 +297,33 @@ def write_job_reports(
         ``report_dir``.
 
     Raises:
-        RuntimeError: If any site's validation results are missing: a job whose validation
-            results are empty fails, whatever status NVFlare reported.
+        RuntimeError: If any site's validation results, or the cross-site evaluation, are
+            missing or not finite: a job whose validation results are empty fails, whatever
+            status NVFlare reported. The reports of the sites that reported are written
+            first (a site that reported nothing is named on the federation's page).
     """
-    collected = read_site_reports(result, list(sites), final=encryption != "stock")
-    matrix = read_cross_site_results(result, sites, local_models) if encryption == "none" else None
-    write_reports(report_dir, collected, matrix)
+    path, collected = load_site_reports(result)
+    problems = [
+        f"{path}: {problem}"
+        for problem in site_report_problems(collected, list(sites), final=encryption != "stock")
+    ]
+    matrix = None
+    if encryption == "none":
+        try:
+            cross_site_path, matrix = load_cross_site_results(result)
+        except RuntimeError as error:
+            problems.append(str(error))
+        else:
+            if problem := cross_site_problem(matrix, sites, local_models):
+                problems.append(f"{cross_site_path}: {problem}")
+    reported = {name: doc for name, doc in collected["sites"].items() if doc["rounds"]}
+    written = ""
+    if reported:
+        absent = sorted(set(sites) - set(reported))
+        write_reports(report_dir, {**collected, "sites": reported, "absent": absent}, matrix)
+        written = f"; the reports of the sites that did report are in {report_dir}"
+    if problems:
+        raise RuntimeError("; ".join(problems) + f"; see those sites' logs{written}")
     return Path(report_dir)
 
 
@@ -325,16 +351,30 @@ def read_cross_site_results(result: Path, sites: Sequence[str], local_models: bo
         RuntimeError: If the matrix is missing or has a gap: a job whose evaluation results
             are empty or partial fails, whatever status NVFlare reported.
     """
+    path, matrix = load_cross_site_results(result)
+    problem = cross_site_problem(matrix, sites, local_models)
+    if problem:
+        raise RuntimeError(f"{problem} ({path}); see those sites' logs and the server log")
+    return matrix
+
+
+def load_cross_site_results(result: Path) -> tuple[Path, dict]:
+    """NVFlare's cross-site evaluation results in a job result, unchecked: file and content.
+
+    Raises:
+        RuntimeError: If there are none.
+    """
     found = sorted(Path(result).rglob("cross_val_results.json"))
     if not found:
         raise RuntimeError(f"{result}: no cross-site evaluation results; see the server log")
-    matrix = json.loads(found[0].read_text())
+    return found[0], json.loads(found[0].read_text())
+
+
+def cross_site_problem(matrix: dict, sites: Sequence[str], local_models: bool) -> str | None:
+    """What the matrix lacks (see :func:`read_cross_site_results`), or ``None``."""
     empty = [site for site in sites if not any((matrix.get(site) or {}).values())]
     if empty:
-        raise RuntimeError(
-            f"cross-site evaluation returned no results for {', '.join(empty)} "
-            f"({found[0]}); see those sites' logs"
-        )
+        return f"cross-site evaluation returned no results for {', '.join(empty)}"
     global_models = {owner for row in matrix.values() for owner in row if owner.startswith("SRV_")}
     owners = sorted(global_models) or ["the global model"]
     if local_models:
@@ -346,11 +386,8 @@ def read_cross_site_results(result: Path, sites: Sequence[str], local_models: bo
         if not math.isfinite((matrix[site].get(owner) or {}).get("dice_mean") or math.nan)
     ]
     if gaps:
-        raise RuntimeError(
-            f"cross-site evaluation has no finite Dice for {', '.join(gaps)} ({found[0]}); "
-            "see those sites' logs and the server log"
-        )
-    return matrix
+        return f"cross-site evaluation has no finite Dice for {', '.join(gaps)}"
+    return None
 
 
 def export_job(

@@ -159,3 +159,30 @@ def test_a_rejoin_is_reported_with_the_site_that_came_back(tmp_path):
     page = (tmp_path / "federation.html").read_text()
     assert "Resumed after an interruption" in page
     assert "restarted so that site-2 could rejoin" in page
+
+
+def test_a_site_that_reported_nothing_fails_the_job_after_the_others_reports(tmp_path):
+    """The job fails naming the site, and the reports of the sites that did report exist."""
+    from app_server.site_reports import SITE_REPORTS_FILE
+    from jobs.runner import write_job_reports
+
+    result = tmp_path / "result" / "server"
+    result.mkdir(parents=True)
+    content = collected(site_document("site-1", 0.8))
+    (result / SITE_REPORTS_FILE).write_text(json.dumps(content))
+    report = tmp_path / "report"
+    with pytest.raises(RuntimeError) as failure:
+        write_job_reports(tmp_path / "result", report, ["site-1", "site-2"], "packed")
+    assert "site-2 reported no training round" in str(failure.value)
+    assert f"the reports of the sites that did report are in {report}" in str(failure.value)
+    assert sorted(p.name for p in report.iterdir()) == [
+        "federation.html",
+        "federation.json",
+        "site-1.html",
+        "site-1.json",
+    ]
+    assert json.loads((report / "federation.json").read_text())["absent"] == ["site-2"]
+    assert "No report from site-2" in (report / "federation.html").read_text()
+    # complete reports: no failure, nobody absent
+    assert write_job_reports(tmp_path / "result", report, ["site-1"], "packed") == report
+    assert json.loads((report / "federation.json").read_text())["absent"] == []
