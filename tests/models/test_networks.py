@@ -1,3 +1,4 @@
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 import models
-from models.networks import NETWORKS, BratsSegResNet, SmallUNet, build_network
+from fedseg.config import PROFILES_DIR, load_config
+from models.networks import INPUT_CHANNELS, NETWORKS, BratsSegResNet, SmallUNet, build_network
 from transforms.regions import REGIONS, LabelsToRegions, LabelsToRegionsd
 
 
@@ -59,7 +61,24 @@ def test_bundle_metadata_matches_the_code():
     assert list(metadata["regions"]) == list(REGIONS)
     for region, labels in REGIONS.items():
         assert tuple(metadata["regions"][region]["labels"]) == labels
-    assert metadata["outputs"]["pred"]["num_channels"] == len(REGIONS)
+    formats = metadata["network_data_format"]
+    assert formats["outputs"]["pred"]["num_channels"] == len(REGIONS)
+    assert list(formats["outputs"]["pred"]["channel_def"].values()) == list(REGIONS)
+    assert formats["inputs"]["image"]["num_channels"] == INPUT_CHANNELS
+    assert metadata["version"] in metadata["changelog"]
+    # the versions it was made with are the ones installed (pyproject.toml pins them)
+    assert metadata["monai_version"] == importlib.metadata.version("monai")
+    assert metadata["pytorch_version"] == torch.__version__.split("+")[0]
+    assert metadata["numpy_version"] == np.__version__
+    for package, version in metadata["optional_packages_version"].items():
+        assert importlib.metadata.version(package) == version, package
+    # its patch shape suits the network of every built-in profile
+    (side,) = {int(s.removesuffix("*n")) for s in formats["inputs"]["image"]["spatial_shape"]}
+    for profile in PROFILES_DIR.glob("*.yaml"):
+        config = load_config(profile)
+        with torch.device("meta"):
+            network = build_network(config.model.name, **config.model.args)
+        assert side % network.size_divisor == 0, profile.stem
 
 
 @pytest.mark.parametrize(
