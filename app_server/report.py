@@ -302,7 +302,7 @@ the global model on its own data; only these metrics left the sites.</p>
 {_contributors_table(federation["round_contributors"], federation["sites"])}
 {_refusals_table(federation.get("refusals", []))}
 {_resumptions_table(federation.get("resumptions", []))}
-{_cross_site_table(federation["cross_site"])}
+{_cross_site_table(federation["cross_site"], federation["sites"])}
 <h2>Dice and HD95 per round</h2>{charts}"""
     return _page("fedseg federation report", body)
 
@@ -376,11 +376,18 @@ def _why_it_stopped(resumption: dict) -> str:
     return "; ".join(reasons) or "none recorded"
 
 
-def _cross_site_table(matrix: dict) -> str:
-    """Mean Dice of each model (columns) on each site's data (rows)."""
+def _cross_site_table(matrix: dict, sites: list[str]) -> str:
+    """Mean Dice of each model (columns) on each site's data (rows), and who sent no model."""
     if not matrix:
         return ""
     owners = sorted({owner for row in matrix.values() for owner in row})
+    without = [site for site in sites if site not in owners]
+    note = (
+        f"<p>No local model from {html.escape(', '.join(without))}: every update it trained was "
+        "refused, or it trained no round.</p>"
+        if without and len(without) < len(sites)
+        else ""
+    )
     header = "".join(f"<th>{html.escape(o)} model</th>" for o in owners)
     rows = ""
     for site, row in sorted(matrix.items()):
@@ -391,7 +398,7 @@ def _cross_site_table(matrix: dict) -> str:
         rows += f"<tr><td>{html.escape(site)} data</td>{cells}</tr>"
     return (
         "<h2>Cross-site evaluation (mean Dice of the final models)</h2>"
-        f"<table><tr><th></th>{header}</tr>{rows}</table>"
+        f"<table><tr><th></th>{header}</tr>{rows}</table>{note}"
     )
 
 

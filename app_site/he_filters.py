@@ -1,10 +1,11 @@
-"""NVFlare filters at a site: packed CKKS encryption, decryption, and an outgoing audit.
+"""NVFlare filters at a site: packed CKKS, an outgoing audit, a reply without a local model.
 
 Thin shells over :mod:`fedseg.packed_ckks`. Outgoing training results become one ciphertext
 payload (the update times its aggregation weight); incoming encrypted global models are
 decrypted and averaged here, never at the server. The audit filter records the structure of every
 outgoing message (keys, types, sizes; never values) and, in an encrypted job, refuses to send
-anything but ciphertext and declared metadata.
+anything but ciphertext and declared metadata. A site with no model of its own to submit to
+cross-site evaluation answers with an error reply, which the evaluation skips.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.event_type import EventType
 from nvflare.apis.filter import Filter
-from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable
+from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
 from tenseal.tensors.ckksvector import CKKSVector
 
@@ -158,6 +159,28 @@ class PackedHEDecryptor(_SiteKeysFilter):
         weights = decrypt_model(keys, dxo.data[PACKED_KEY])
         meta = {k: v for k, v in dxo.meta.items() if k != MetaKey.PROCESSED_ALGORITHM}
         return DXO(DataKind.WEIGHTS, weights, meta)
+
+
+class NoLocalModelReply(Filter):
+    """Task-result filter of ``submit_model``: a site without a local model answers so.
+
+    A site whose every update was refused (non-finite after training, say), or that trained
+    no round of the job, has no model of its own for cross-site evaluation. Its reply
+    (metrics only, saying why under :data:`~fedseg.messages.REFUSED_META_KEY`) leaves as an
+    execution-result error, which NVFlare's cross-site evaluation skips instead of sending it
+    to the sites as a model to validate.
+    """
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        """Turns a declared "no local model" into an error reply; passes anything else on."""
+        try:
+            dxo = from_shareable(shareable)
+        except ValueError:
+            return shareable
+        if dxo.data_kind != DataKind.METRICS or not dxo.get_meta_prop(REFUSED_META_KEY):
+            return shareable
+        self.log_warning(fl_ctx, f"no local model to submit: {dxo.get_meta_prop(REFUSED_META_KEY)}")
+        return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
 
 
 class OutgoingAudit(Filter):

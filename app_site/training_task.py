@@ -220,12 +220,11 @@ def run(script_folder: Path) -> None:
         if task is None:
             break
         if flare.is_submit_model():  # carries no weights: send this site's local model
-            if local_model is None:
-                raise RuntimeError(
-                    f"{site} trained no round in this job, so it has no local model for "
-                    "cross-site evaluation (jobs that train no round do not ask for one)"
-                )
-            flare.send(FLModel(params=_tensors(local_model)))
+            if local_model is None:  # the job's NoLocalModelReply filter answers for it
+                reason = "every update this site trained in the job was refused, or it trained none"
+                flare.send(FLModel(metrics={}, meta={REFUSED_META_KEY: reason}))
+            else:
+                flare.send(FLModel(params=_tensors(local_model)))
             continue
         received, shared = split_moments({k: np.asarray(v) for k, v in task.params.items()})
         check_fits(engine, received)

@@ -338,8 +338,10 @@ def _harmonization_for(config: RunConfig, artifact: Path | None, fit) -> Path | 
 def read_cross_site_results(result: Path, sites: Sequence[str], local_models: bool = True) -> dict:
     """The cross-site evaluation matrix (validating site -> model owner -> metrics).
 
-    Every site must have validated every model: the global one (``SRV_...``) and, in a job
-    that trained, each site's local model, each with a finite mean Dice.
+    Every site must have validated the global model (``SRV_...``) and every local model a
+    site submitted, each with a finite mean Dice; a job that trained must have had at least
+    one local model. A site without a usable local model (every update it trained was
+    refused) submits none (:class:`app_site.he_filters.NoLocalModelReply`).
 
     Args:
         result: The job's result folder.
@@ -375,18 +377,19 @@ def cross_site_problem(matrix: dict, sites: Sequence[str], local_models: bool) -
     empty = [site for site in sites if not any((matrix.get(site) or {}).values())]
     if empty:
         return f"cross-site evaluation returned no results for {', '.join(empty)}"
-    global_models = {owner for row in matrix.values() for owner in row if owner.startswith("SRV_")}
-    owners = sorted(global_models) or ["the global model"]
-    if local_models:
-        owners += list(sites)
+    evaluated = {owner for row in matrix.values() for owner in row}
+    global_models = sorted(owner for owner in evaluated if owner.startswith("SRV_"))
+    local = sorted(evaluated - set(global_models))
     gaps = [
         f"{site} on {owner}"
         for site in sites
-        for owner in owners
+        for owner in (global_models or ["the global model"]) + local
         if not math.isfinite((matrix[site].get(owner) or {}).get("dice_mean") or math.nan)
     ]
     if gaps:
         return f"cross-site evaluation has no finite Dice for {', '.join(gaps)}"
+    if local_models and not local:
+        return "cross-site evaluation holds no site's local model"
     return None
 
 

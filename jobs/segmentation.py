@@ -56,7 +56,12 @@ from app_server.aggregation import PackedHEAggregator, PlaintextAggregator
 from app_server.global_model import GlobalModelLocator, GlobalModelPersistor
 from app_server.report_collector import FinalValidation, SiteReportFilter
 from app_server.site_reports import RESUMED_REPORTS_FILE
-from app_site.he_filters import OutgoingAudit, PackedHEDecryptor, PackedHEEncryptor
+from app_site.he_filters import (
+    NoLocalModelReply,
+    OutgoingAudit,
+    PackedHEDecryptor,
+    PackedHEEncryptor,
+)
 from app_site.training_task import ARTIFACT_FILE, JOB_MANIFEST_FILE, RUN_CONFIG_FILE
 from fedseg.config import RunConfig
 from fedseg.files import write_json_atomic
@@ -136,7 +141,9 @@ def segmentation_recipe(
         if encryption == "packed":
             recipe = _packed_he_recipe(job)
         else:
-            recipe = _plaintext_recipe(job, local_models=resume is None or resume.trains)
+            recipe = _plaintext_recipe(
+                job, resume is None or resume.trains, config.federation.round_timeout
+            )
     shared_moments = config.training.shared_moments and encryption != "stock"
     if config.training.shared_moments and not shared_moments:
         logger.warning("encryption stock carries the network alone: sites keep their own moments")
@@ -211,22 +218,28 @@ def checked_artifact_hash(config: RunConfig, artifact: Path | None) -> str | Non
     return document["hash"]
 
 
-def _plaintext_recipe(job: FedJob, local_models: bool) -> Recipe:
+def _plaintext_recipe(job: FedJob, local_models: bool, timeout: int) -> Recipe:
     """Rounds and final validation, then cross-site evaluation.
 
     Every site validates every site's local model and the global one; a job that trains no
     round (resumed after its last) leaves its sites no local model, and evaluates the global
-    model alone.
+    model alone. A site has ``timeout`` seconds (``federation.round_timeout``; 0: no limit)
+    to submit its model and to validate each model, as for a round.
     """
     job.to_clients(_script_runner(TransferType.DIFF), tasks=[_TRAIN, _VALIDATE, _SUBMIT])
-    job.to_clients(
-        OutgoingAudit(), tasks=[_TRAIN, _VALIDATE, _SUBMIT], filter_type=FilterType.TASK_RESULT
-    )
+    # Result filters run in order: a site without a local model answers so, then the audit.
+    # NVFlare takes one filter chain per task set, and task sets that overlap are refused.
+    job.to_clients(NoLocalModelReply(), tasks=[_SUBMIT], filter_type=FilterType.TASK_RESULT)
+    for tasks in ([_SUBMIT], [_TRAIN, _VALIDATE]):
+        job.to_clients(OutgoingAudit(), tasks=tasks, filter_type=FilterType.TASK_RESULT)
     locator = job.to_server(GlobalModelLocator(persistor_id="persistor"), id="locator")
     job.to_server(ValidationJsonGenerator())
     job.to_server(
         CrossSiteModelEval(
-            model_locator_id=locator, submit_model_task_name=_SUBMIT if local_models else ""
+            model_locator_id=locator,
+            submit_model_task_name=_SUBMIT if local_models else "",
+            submit_model_timeout=timeout,
+            validation_timeout=timeout,
         )
     )
     return Recipe(job)

@@ -66,6 +66,10 @@ def test_a_site_with_corrupt_data_refuses_its_update_and_the_rounds_go_on(datase
     }
     page = (report / "federation.html").read_text()
     assert "Refused updates" in page and "non-finite values after training" in page
+    # every update of site-3 was refused: it has no local model for cross-site evaluation
+    models = {"SRV_FL_global_model.pt", "site-1", "site-2"}
+    assert all(set(row) == models for row in federation["cross_site"].values())
+    assert "No local model from site-3" in page
     site_3 = json.loads((report / "site-3.json").read_text())
     assert site_3["final"] is not None, "the site still validated the final global model"
     for site in ("site-1", "site-2"):

@@ -238,6 +238,13 @@ def test_exported_job_folder(tmp_path, job_run, encryption, components):
         server = json.loads(server_config.read_text())
         (aggregator,) = [c for c in server["components"] if c["id"] == "aggregator"]
         assert aggregator["args"]["aggregation_weight"] == "cases"
+        if encryption == "none":  # cross-site evaluation waits as long as a round
+            (evaluation,) = [
+                w for w in server["workflows"] if w["path"].endswith("CrossSiteModelEval")
+            ]
+            timeout = config.federation.round_timeout
+            assert evaluation["args"]["submit_model_timeout"] == timeout
+            assert evaluation["args"]["validation_timeout"] == timeout
         # memory clean-up every few rounds, not after each (NVFlare's default)
         (rounds,) = [w for w in server["workflows"] if w["path"].endswith("ScatterAndGather")]
         assert rounds["args"]["memory_gc_rounds"] == SERVER_MEMORY_CLEANUP_ROUNDS > 1
@@ -307,10 +314,16 @@ def test_partial_cross_site_results_fail_naming_the_gaps(tmp_path):
     matrix["site-2"].update({"site-1": good, "site-2": good})
     (folder / "cross_val_results.json").write_text(json.dumps(matrix))
     assert read_cross_site_results(tmp_path, ["site-1", "site-2"]) == matrix
+    # a site without a usable local model submits none: its column is missing everywhere
+    without_site_2 = {site: {**row} for site, row in matrix.items()}
+    for row in without_site_2.values():
+        del row["site-2"]
+    (folder / "cross_val_results.json").write_text(json.dumps(without_site_2))
+    assert read_cross_site_results(tmp_path, ["site-1", "site-2"]) == without_site_2
     # a job that trained no round has no local models: the global model alone is evaluated
     global_only = {site: {"SRV_FL_global_model.pt": good} for site in ("site-1", "site-2")}
     (folder / "cross_val_results.json").write_text(json.dumps(global_only))
-    with pytest.raises(RuntimeError, match="site-1 on site-1"):
+    with pytest.raises(RuntimeError, match="holds no site's local model"):
         read_cross_site_results(tmp_path, ["site-1", "site-2"])
     assert read_cross_site_results(tmp_path, ["site-1", "site-2"], local_models=False)
     del global_only["site-2"]["SRV_FL_global_model.pt"]
