@@ -242,8 +242,13 @@ Device: <b>{html.escape(document["device"])}</b>. Harmonization artifact:
 <h2>HD95 per round (mm; lower is better)</h2>
 {line_chart(curves["hd95"], "HD95 (mm)", (0.0, _axis_top(curves["hd95"])))}
 <h2>Validation per round</h2>
-<table><tr><th>round</th>{"".join(f"<th>Dice {r}</th>" for r in REGIONS)}
-{"".join(f"<th>HD95 {r} (mm)</th>" for r in REGIONS)}</tr>{validation_rows}</table>
+{
+        _long_table(
+            len(validations),
+            f"<table><tr><th>round</th>{''.join(f'<th>Dice {r}</th>' for r in REGIONS)}"
+            f"{''.join(f'<th>HD95 {r} (mm)</th>' for r in REGIONS)}</tr>{validation_rows}</table>",
+        )
+    }
 <h2>{html.escape(summary.get("model", "no validation").capitalize())}</h2>
 <table><tr><th>region</th><th>Dice</th><th>95% CI (bootstrap over {case_count} cases)</th>
 <th>HD95 (mm)</th><th>95% CI</th></tr>{rows}</table>
@@ -259,9 +264,13 @@ of the case's grid: the worst distance it can have.</p>
 <td class=num>{qc.get("accepted", "-")} / {qc.get("rejected", "-")} / {qc.get("skipped", "-")}</td>
 </tr></table>
 <h2>Training</h2>
-<table><tr><th>round</th><th>steps</th><th>loss</th><th>seconds</th>
-<th>declared weight</th></tr>
-{training_rows}</table>
+{
+        _long_table(
+            len(rounds),
+            "<table><tr><th>round</th><th>steps</th><th>loss</th><th>seconds</th>"
+            f"<th>declared weight</th></tr>{training_rows}</table>",
+        )
+    }
 {_refusals_table(document.get("refusals", []))}"""
     return _page(f"fedseg report: {document['site']}", body)
 
@@ -435,7 +444,7 @@ def line_chart(
         f'<text x="{margin - 6}" y="{height - margin}" text-anchor="end">{y_low:g}</text>',
         f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle">round</text>',
     ]
-    for x in sorted(set(xs)):
+    for x in _ticks(sorted(set(xs))):
         px, _ = position(x, y_low)
         parts.append(
             f'<text x="{px:.1f}" y="{height - margin + 14}" text-anchor="middle">{x:g}</text>'
@@ -459,12 +468,31 @@ def line_chart(
     return "".join(parts)
 
 
+#: Tables longer than this many rows start folded (a long job has a row per round).
+_FOLDED_ROWS = 30
+
+
+def _long_table(rows: int, table: str) -> str:
+    """``table`` as it is, or folded under a line that says how many rows it holds."""
+    if rows <= _FOLDED_ROWS:
+        return table
+    return f"<details><summary>{rows} rows (show)</summary>{table}</details>"
+
+
 def _region_metric_cells(metrics: dict) -> str:
     """Table cells of a validation's Dice (3 decimals) and HD95 (mm, 1 decimal) per region."""
     return "".join(
         f"<td class=num>{format_number(metrics.get(key), 3 if key.startswith('dice') else 1)}</td>"
         for key in _REGION_METRICS
     )
+
+
+def _ticks(values: list[float], most: int = 10) -> list[float]:
+    """At most ``most`` of the sorted ``values`` to label an axis with, first and last included."""
+    if len(values) <= most:
+        return values
+    step = (len(values) - 1) / (most - 1)
+    return [values[round(index * step)] for index in range(most)]
 
 
 def _axis_top(series: dict[str, list[tuple[float, float]]]) -> float:

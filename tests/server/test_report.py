@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from app_server.report import bootstrap_interval, write_reports
+from app_server.report import bootstrap_interval, line_chart, write_reports
 from app_server.site_reports import resumed_content, with_rejoined_sites
 
 
@@ -186,3 +186,17 @@ def test_a_site_that_reported_nothing_fails_the_job_after_the_others_reports(tmp
     # complete reports: no failure, nobody absent
     assert write_job_reports(tmp_path / "result", report, ["site-1"], "packed") == report
     assert json.loads((report / "federation.json").read_text())["absent"] == []
+
+
+def test_a_long_job_keeps_its_pages_readable(tmp_path):
+    """Hundreds of rounds: ten round labels per chart, long tables folded with their size."""
+    document = site_document("site-1", 0.8)
+    first = document["rounds"][0]
+    document["rounds"] = [{**first, "round": number} for number in range(300)]
+    write_reports(tmp_path, collected(document))
+    page = (tmp_path / "site-1.html").read_text()
+    assert page.count("<details><summary>300 rows (show)</summary>") == 1  # training
+    assert page.count("<details><summary>301 rows (show)</summary>") == 1  # validation + final
+    chart = line_chart({"TC": [(x, 0.5) for x in range(300)]}, "Dice", (0, 1))
+    labels = chart.count('text-anchor="middle">')
+    assert labels == 11 and ">0</text>" in chart and ">299</text>" in chart  # 10 rounds, "round"
