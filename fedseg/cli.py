@@ -46,7 +46,7 @@ from fedseg.harmonization import (
 from fedseg.synth.check import CaseCheck, SynthCheckError, check_hospitals
 from fedseg.synth.hospitals import CaseSummary, SiteSummary, SynthConfig, synthesize_hospitals
 from jobs.progress import RoundProgress
-from jobs.resume import ResumeError, find_resume_point
+from jobs.resume import ResumeError, ResumePoint, find_resume_point
 from jobs.runner import (
     export_harmonization_job,
     export_job,
@@ -587,9 +587,8 @@ def resume_job_command(args: argparse.Namespace) -> int:
     if args.out is not None:
         folder, point = export_resumed_job(run_folder, args.out)
         console.print(
-            f"Job folder written to {folder}: it resumes {point.job_id} at round "
-            f"{point.next_round + 1} of {point.config.training.rounds}; submit it with "
-            f"`submit_job {folder}` in the admin console"
+            f"Job folder written to {folder}: it resumes {point.job_id} at "
+            f"{_resumed_at(point)}; submit it with `submit_job {folder}` in the admin console"
         )
         return 0
     if args.workdir is None:
@@ -603,8 +602,8 @@ def resume_job_command(args: argparse.Namespace) -> int:
         run_folder = server_run_folder(federation, args.job)
     point = find_resume_point(run_folder)
     console.print(
-        f"Resuming {point.job_id} at round {point.next_round + 1} of "
-        f"{point.config.training.rounds} from the global model of round {point.next_round}"
+        f"Resuming {point.job_id} at {_resumed_at(point)}, from the global model of round "
+        f"{point.next_round}"
     )
     with console.status("waiting for the federation", spinner="dots"):
         report = resume_in_federation(
@@ -612,6 +611,14 @@ def resume_job_command(args: argparse.Namespace) -> int:
         )
     print_final_metrics(report)
     return 0
+
+
+def _resumed_at(point: ResumePoint) -> str:
+    """Where a resumed job starts, counting rounds from 1 as the command line does."""
+    rounds = point.config.training.rounds
+    if point.trains:
+        return f"round {point.next_round + 1} of {rounds}"
+    return f"its final validation (all {rounds} rounds were trained)"
 
 
 def rejoin_job_command(args: argparse.Namespace) -> int:
@@ -622,10 +629,7 @@ def rejoin_job_command(args: argparse.Namespace) -> int:
         report, point, returning = rejoin_in_federation(
             federation, args.job, args.workdir, _progress_printer(None)
         )
-    console.print(
-        f"{', '.join(returning)} rejoined job {point.job_id} at round {point.next_round + 1} "
-        f"of {point.config.training.rounds}"
-    )
+    console.print(f"{', '.join(returning)} rejoined job {point.job_id} at {_resumed_at(point)}")
     print_final_metrics(report)
     return 0
 

@@ -446,6 +446,8 @@ def test_a_job_stopped_during_its_final_validation_resumes_with_only_that_left(
     (resumption,) = federation["resumptions"]
     assert resumption["next_round"] == 2 and resumption["dropped_rounds"] == []
     assert resumption["failures"] == ["the server stopped"]
+    # it trained no round, so its sites hold no local model: the global model alone is evaluated
+    assert all(set(row) == {"SRV_FL_global_model.pt"} for row in federation["cross_site"].values())
     for site in ("site-1", "site-2", "site-3"):
         document = json.loads((report / f"{site}.json").read_text())
         assert [r["round"] for r in document["rounds"]] == [0, 1]
