@@ -443,6 +443,7 @@ def line_chart(
         f'<text x="{margin - 6}" y="{margin + 4}" text-anchor="end">{y_high:g}</text>',
         f'<text x="{margin - 6}" y="{height - margin}" text-anchor="end">{y_low:g}</text>',
         f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle">round</text>',
+        f'<text x="{margin}" y="{margin - 14}" font-weight="bold">{html.escape(label)}</text>',
     ]
     for x in _ticks(sorted(set(xs))):
         px, _ = position(x, y_low)
