@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib.metadata
 import json
 import secrets
 import sys
@@ -124,6 +125,30 @@ def update_problem(
     return None
 
 
+def check_fedseg_version(manifest: dict, installed: str | None = None) -> None:
+    """Refuses a job built with another fedseg than this site runs.
+
+    The sites of a job must pre-process, train and measure alike, or their updates pull the
+    global model apart and their reports measure different things. Jobs built before the
+    manifest recorded the version are not checked.
+
+    Args:
+        manifest: The job's manifest (``fedseg_version``).
+        installed: The site's fedseg version; default the installed distribution's.
+
+    Raises:
+        ConfigError: If the versions differ, naming both.
+    """
+    wanted = manifest.get("fedseg_version")
+    installed = installed or importlib.metadata.version("fedseg")
+    if wanted is not None and wanted != installed:
+        raise ConfigError(
+            f"this site runs fedseg {installed}, but the job was built with fedseg {wanted}; "
+            f"refusing to train: install fedseg {wanted} at this site, or have the job exported "
+            f"again with fedseg {installed} (every site of a job runs the same fedseg)"
+        )
+
+
 def load_job_config(job_folder: Path, manifest: dict) -> RunConfig:
     """The job's run configuration, verified against the hash the job was built with.
 
@@ -193,6 +218,7 @@ def run(script_folder: Path) -> None:
     flare.init()
     site = flare.get_site_name()
     manifest = json.loads((job_folder / JOB_MANIFEST_FILE).read_text())
+    check_fedseg_version(manifest)
     config = load_job_config(job_folder, manifest)
     dataset = site_dataset(site)
     check_training_dataset(dataset)

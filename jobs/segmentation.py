@@ -26,6 +26,7 @@ with ``training.aggregation_weight: cases`` its training cases (not with
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -388,6 +389,7 @@ def _job_files(
     """The run configuration, the artifact (path, hash) and the manifest (hashes, ``settings``)."""
     (staging / RUN_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     manifest = {
+        "fedseg_version": importlib.metadata.version("fedseg"),
         "run_config_hash": hashlib.sha256((staging / RUN_CONFIG_FILE).read_bytes()).hexdigest(),
         "harmonization_hash": None,
         **settings,

@@ -1,5 +1,6 @@
 """The federated segmentation job, end to end in NVFlare's simulator (real processes)."""
 
+import importlib.metadata
 import json
 import math
 import shutil
@@ -232,6 +233,7 @@ def test_exported_job_folder(tmp_path, job_run, encryption, components):
     assert {"fedseg_run.yaml", "fedseg_harmonization.json", "fedseg_job.json",
             "fedseg_initial_model.pt"} <= shipped  # fmt: skip
     manifest = json.loads(next(job.rglob("fedseg_job.json")).read_text())
+    assert manifest["fedseg_version"] == importlib.metadata.version("fedseg")  # sites check it
     # NVFlare's stock HE filters weigh by steps: the sites are told so, not left to disagree.
     assert manifest["aggregation_weight"] == ("steps" if encryption == "stock" else "cases")
     if encryption != "stock":  # the server refuses updates that declare no case weight

@@ -3,7 +3,13 @@
 import pytest
 
 from app_site.engine import CaseMetrics
-from app_site.training_task import aggregation_weight, case_pseudonym, summarize
+from app_site.training_task import (
+    aggregation_weight,
+    case_pseudonym,
+    check_fedseg_version,
+    summarize,
+)
+from fedseg.config import ConfigError
 
 
 def test_steps_weigh_every_full_round_alike_and_cases_follow_the_training_split():
@@ -33,3 +39,14 @@ def test_a_pseudonym_is_stable_for_its_key_and_says_nothing_without_it():
     assert pseudonym != "case-0123456789ab"
     assert pseudonym != case_pseudonym(other, "case-0123456789ab")
     assert pseudonym != case_pseudonym(key, "case-0123456789ac")
+
+
+def test_a_job_built_with_another_fedseg_is_refused_naming_both_versions():
+    check_fedseg_version({"fedseg_version": "0.2.0"}, installed="0.2.0")
+    check_fedseg_version({})  # a job built before the manifest recorded it
+    with pytest.raises(
+        ConfigError,
+        match=r"runs fedseg 0\.1\.0, but the job was built with "
+        r"fedseg 0\.2\.0; refusing to train: install fedseg 0\.2\.0",
+    ):
+        check_fedseg_version({"fedseg_version": "0.2.0"}, installed="0.1.0")
