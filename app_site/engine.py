@@ -309,6 +309,10 @@ class SegmentationEngine:
         dataset: The site's dataset folder (written by ``fedseg ingest``).
         harmonization: Array transform from the job's harmonization artifact, or ``None``.
         device: Where to run; default from ``config.training.device``.
+
+    Attributes:
+        steps_per_round: Optimizer steps of one full federated round on this site's training
+            split (``training.local_steps``, or ``training.local_epochs`` passes over it).
     """
 
     def __init__(
@@ -334,6 +338,7 @@ class SegmentationEngine:
         self.validation_files = load_decathlon_datalist(datalist, data_list_key="validation")
         if not self.train_files:
             raise ValueError(f"{datalist}: no labelled training case")
+        self.steps_per_round = config.training.steps_per_round(len(self.train_files))
         if self.acceleration.device_cache:
             train_transforms = build_device_training_transforms(config, harmonization, self.device)
         else:
@@ -444,8 +449,8 @@ class SegmentationEngine:
         Args:
             steps: Optimizer steps to make now.
             first_step: Steps the run made before these (a site in round r of a federation:
-                ``r * local_steps``); places them on the learning-rate schedule.
-            total_steps: Steps in the whole run; default ``rounds * local_steps``.
+                ``r * steps_per_round``); places them on the learning-rate schedule.
+            total_steps: Steps in the whole run; default ``rounds * steps_per_round``.
 
         Returns:
             Steps done, mean loss and wall time.
@@ -456,7 +461,7 @@ class SegmentationEngine:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         training = self.config.training
-        total_steps = total_steps or training.rounds * training.local_steps
+        total_steps = total_steps or training.rounds * self.steps_per_round
         start = time.perf_counter()
         total = torch.zeros((), device=self.device)
         for index in range(first_step, first_step + steps):

@@ -74,11 +74,11 @@ def summarize(cases: list[CaseMetrics]) -> dict[str, float]:
     return summary
 
 
-def aggregation_weight(weighting: str, steps: int, training_cases: int, local_steps: int) -> float:
+def aggregation_weight(weighting: str, steps: int, training_cases: int, round_steps: int) -> float:
     """The weight a site's update counts with in the federation's weighted mean.
 
     With ``cases`` the weight is the site's training cases in a full round of
-    ``local_steps``, and proportionally less for fewer steps. It stays the size of a case
+    ``round_steps``, and proportionally less for fewer steps. It stays the size of a case
     count, not of cases times steps: an encrypted update is the model times its weight, and
     CKKS has room for values up to a few thousand (:func:`fedseg.packed_ckks.encrypt_update`).
 
@@ -86,10 +86,11 @@ def aggregation_weight(weighting: str, steps: int, training_cases: int, local_st
         weighting: ``steps`` or ``cases`` (``training.aggregation_weight``).
         steps: Optimizer steps the site made this round.
         training_cases: Cases in the site's training split.
-        local_steps: The steps of a full round (``training.local_steps``).
+        round_steps: The site's steps in a full round
+            (:meth:`fedseg.config.TrainingConfig.steps_per_round`).
 
     Returns:
-        ``steps``, or ``training_cases * steps / local_steps``.
+        ``steps``, or ``training_cases * steps / round_steps``.
 
     Raises:
         ValueError: If ``weighting`` is neither.
@@ -97,7 +98,7 @@ def aggregation_weight(weighting: str, steps: int, training_cases: int, local_st
     if weighting == "steps":
         return float(steps)
     if weighting == "cases":
-        return training_cases * steps / local_steps
+        return training_cases * steps / round_steps
     raise ValueError(f"aggregation weight must be steps or cases, got {weighting!r}")
 
 
@@ -258,13 +259,13 @@ def run(script_folder: Path) -> None:
         if flare.is_train():
             validates = task.current_round % config.validation.every_rounds == 0
             cases = engine.validate().cases if validates else None
-            steps = config.training.local_steps
+            steps = engine.steps_per_round
             if shares_moments:
                 engine.load_gradient_rms(shared, steps_done=task.current_round * steps)
             trained = engine.train(steps, first_step=task.current_round * steps)
             metrics = summarize(cases) if validates else None
             weight = aggregation_weight(
-                weighting, trained.steps, len(engine.train_files), config.training.local_steps
+                weighting, trained.steps, len(engine.train_files), engine.steps_per_round
             )
             report = record.round(task.current_round, metrics, cases, trained, weight)
             weights = engine.weights()

@@ -351,11 +351,20 @@ def model_setting(args: argparse.Namespace, config: RunConfig) -> dict:
     are left out (:data:`FEDAVG_ONLY_TRAINING_KEYS`) and name FedAvg's files instead
     (:meth:`MeasuredModels.path`).
 
+    The benchmark sizes rounds in steps, the same at every site, so ``local_epochs`` stays
+    0 (off) and is left out too: the models measured before that option existed keep their
+    folder.
+
     Returns:
         ``arguments`` (:data:`SETTING_ARGUMENTS`), ``budget_steps`` (R x S) and ``config``.
+
+    Raises:
+        ValueError: If ``config`` sizes rounds in epochs.
     """
+    if config.training.local_epochs:
+        raise ValueError("the quality benchmark sizes rounds in steps: local_epochs must be 0")
     configuration = config.to_dict()
-    for key in FEDAVG_ONLY_TRAINING_KEYS:
+    for key in (*FEDAVG_ONLY_TRAINING_KEYS, "local_epochs"):
         del configuration["training"][key]
     return {
         "arguments": {key: getattr(args, key) for key in SETTING_ARGUMENTS},

@@ -84,7 +84,7 @@ class TrainingConfig:
     a C++ toolchain and minutes of compilation that small CPU runs never win back).
     ``cudnn_benchmark`` lets cuDNN pick the fastest convolution algorithms on CUDA, at the
     cost of bit-for-bit reproducibility; off, cuDNN stays deterministic.
-    ``lr_schedule`` runs over the whole federation (``rounds`` x ``local_steps`` steps):
+    ``lr_schedule`` runs over the whole federation (``rounds`` x a round's steps):
     ``poly`` decays the learning rate as ``(1 - step / total) ** 0.9``, so the last rounds
     make small steps and the sites' models stop pulling the average apart; ``constant`` keeps
     ``learning_rate`` throughout.
@@ -96,13 +96,18 @@ class TrainingConfig:
     (nnU-Net's region-based training; the default), or ``dice``, soft Dice alone.
     ``device`` is ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``
     (one GPU of several).
+    A round's local work is ``local_steps`` optimizer steps at every site, or, when
+    ``local_epochs`` is set (at least 1; 0 is off), that many passes over each site's own
+    training cases: ``local_epochs x ceil(cases / batch_size)`` steps, so that a site with
+    more cases makes more steps (McMahan et al.'s E local epochs); ``local_steps`` is then
+    not read.
     ``aggregation_weight`` is what each site's update counts for in the weighted mean that
-    makes the global model: ``cases``, its training cases (times the share of
-    ``local_steps`` it made; FedAvg as McMahan et al., 2017 weigh it: the federation then
-    follows the pooled data as centralized training samples it; the default), or ``steps``,
-    its training steps of the round (NVFlare's ``NUM_STEPS_CURRENT_ROUND``; every site
-    makes ``local_steps``, so the sites count alike). The case count is part of the report
-    every site declares with its update.
+    makes the global model: ``cases``, its training cases (times the share of its full
+    round it made; FedAvg as McMahan et al., 2017 weigh it: the federation then follows the
+    pooled data as centralized training samples it; the default), or ``steps``, its
+    training steps of the round (NVFlare's ``NUM_STEPS_CURRENT_ROUND``; with
+    ``local_steps`` every site makes as many, so the sites count alike). The case count is
+    part of the report every site declares with its update.
     """
 
     optimizer: str = "adamw"
@@ -111,6 +116,7 @@ class TrainingConfig:
     lr_schedule: str = "poly"
     weight_decay: float = 1e-5
     local_steps: int = 100
+    local_epochs: int = 0
     batch_size: int = 2
     rounds: int = 50
     min_sites: int = 2
@@ -122,6 +128,18 @@ class TrainingConfig:
     seed: int = 0
     shared_moments: bool = False
     aggregation_weight: str = "cases"
+
+    def steps_per_round(self, training_cases: int) -> int:
+        """The optimizer steps a site with ``training_cases`` makes in one full round.
+
+        Raises:
+            ValueError: If ``training_cases`` is below 1.
+        """
+        if training_cases < 1:
+            raise ValueError(f"training_cases must be at least 1, got {training_cases}")
+        if self.local_epochs:
+            return self.local_epochs * math.ceil(training_cases / self.batch_size)
+        return self.local_steps
 
 
 @dataclass(frozen=True)
@@ -446,6 +464,7 @@ def _check_values(config: RunConfig, where: str) -> None:
     )
     for name in ("local_steps", "batch_size", "rounds", "min_sites"):
         require(f"training.{name}", getattr(training, name) >= 1, "at least 1")
+    require("training.local_epochs", training.local_epochs >= 0, "at least 0 (0: off)")
     require(
         "training.device",
         re.fullmatch(r"auto|cpu|cuda(:\d+)?", training.device) is not None,
@@ -484,7 +503,8 @@ def scheduled_learning_rate(training: TrainingConfig, step: int, total_steps: in
     Args:
         training: The run's training settings (``learning_rate``, ``lr_schedule``).
         step: Steps the run made before this one; clamped to ``[0, total_steps]``.
-        total_steps: Steps in the whole run (a federated run: ``rounds * local_steps``).
+        total_steps: Steps in the whole run (a site of a federated run: ``rounds`` times its
+            :meth:`TrainingConfig.steps_per_round`).
 
     Returns:
         The learning rate for that step.

@@ -58,6 +58,7 @@ def test_a_yaml_file_overrides_defaults(tmp_path):
         ({"training": {"device": "cuda:x"}},
          "training.device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
         ({"training": {"loss": "dice_ce"}}, "training.loss must be one of dice_bce, dice"),
+        ({"training": {"local_epochs": -1}}, "training.local_epochs must be at least 0 (0: off)"),
         ({"harmonization": {"method": "histogram"}}, "harmonization.method must be"),
         ({"training": {"compile": "yes"}}, "training.compile must be true or false"),
         ({"training": {"channels_last": 1}}, "training.channels_last must be true or false"),
@@ -238,6 +239,17 @@ def test_duplicate_keys_are_refused(tmp_path):
     merged.write_text("training:\n  <<: {rounds: 3, local_steps: 4}\n  rounds: 5\n")
     config = load_config(merged)
     assert config.training.rounds == 5 and config.training.local_steps == 4
+
+
+def test_a_round_is_local_steps_or_local_epochs_over_the_sites_own_cases():
+    by_steps = config_from_dict({"training": {"local_steps": 20, "batch_size": 4}}).training
+    assert by_steps.steps_per_round(3) == by_steps.steps_per_round(90) == 20
+    by_epochs = config_from_dict(
+        {"training": {"local_epochs": 2, "local_steps": 20, "batch_size": 4}}
+    ).training
+    assert [by_epochs.steps_per_round(cases) for cases in (1, 4, 5, 90)] == [2, 2, 4, 46]
+    with pytest.raises(ValueError, match="training_cases must be at least 1"):
+        by_epochs.steps_per_round(0)
 
 
 @pytest.mark.parametrize(

@@ -132,11 +132,20 @@ def test_the_job_used_the_federated_harmonization_artifact(job_run):
 
 
 def test_the_same_run_gives_the_same_global_model_bit_for_bit(datasets, tmp_path, job_run):
-    """Again, validating every other round only: validation does not touch training."""
+    """Again, validating every other round only, with rounds sized in local epochs as long.
+
+    Validation does not touch training; each site holds fewer training cases than a batch,
+    so an epoch is one step and 8 local epochs are the first run's 8 local steps.
+    """
     workdir, _ = job_run
     sites = [str(datasets[name]) for name in ("site-1", "site-2", "site-3")]
     config = json.loads((workdir / "run.yaml").read_text())
     config["validation"]["every_rounds"] = 2
+    for site in ("site-1", "site-2", "site-3"):
+        report = json.loads((workdir / "report" / f"{site}.json").read_text())
+        assert report["data"]["training_cases"] <= config["training"]["batch_size"]
+    config["training"]["local_epochs"] = config["training"]["local_steps"]
+    config["training"]["local_steps"] = 1  # not read: local_epochs replaces it
     (tmp_path / "run.yaml").write_text(json.dumps(config))
     again = subprocess.run(
         [FEDSEG, "job", "run", "--config", str(tmp_path / "run.yaml"),

@@ -89,6 +89,19 @@ def test_training_is_reproducible_when_sites_share_a_process(datasets):
         assert all(np.array_equal(weights[key], other[key]) for key in weights)
 
 
+def test_a_round_in_local_epochs_passes_over_the_sites_training_cases(datasets):
+    config = variant(load_config("tiny"), training={"local_epochs": 2, "batch_size": 1})
+    engine = SegmentationEngine(config, datasets["site-1"], device=CPU)
+    cases = len(engine.train_files)
+    assert cases > config.training.batch_size, "the test needs more than one batch per epoch"
+    assert engine.steps_per_round == 2 * cases != config.training.local_steps
+    engine.train(engine.steps_per_round)
+    # the learning rate decays over the rounds of this site's own length
+    total = config.training.rounds * engine.steps_per_round
+    rate = scheduled_learning_rate(config.training, engine.steps_per_round - 1, total)
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(rate)
+
+
 def test_validation_gives_metrics_per_region_and_case(engine):
     validation = engine.validate()
     results = validation.cases
