@@ -31,8 +31,9 @@ in all nine site and region pairs (by up to 0.047 Dice, on validation splits of 
 cases). At 300 x 20 (18000 steps, ``benchmarks/quality_300.md``) FedAvg's global model had
 stopped moving but centralized had not (it gains 0.016 mean Dice from 18000 to 54000 steps,
 ``benchmarks/quality_budget.md``), and FedAvg trailed it by up to 0.055 on the present
-validation splits. The default takes more than ten hours on two CPU cores (586 min for the
-18 models at 900 x 20; a FedAvg model at 1800 x 10 takes 70 to 90 min), in parts (below).
+validation splits. The default takes about twelve hours on two CPU cores (the ten models of
+seed 0 in both arms 283 min, then about two hours for each further seed's centralized and FedAvg
+models), in parts (below).
 
 Every model is evaluated with the engine's sliding-window validation (``SegmentationEngine``
 with the model's weights loaded) on each training site's validation split and on the external
