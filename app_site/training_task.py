@@ -264,9 +264,7 @@ def run(script_folder: Path) -> None:
                 engine.load_gradient_rms(shared, steps_done=task.current_round * steps)
             trained = engine.train(steps, first_step=task.current_round * steps)
             metrics = summarize(cases) if validates else None
-            weight = aggregation_weight(
-                weighting, trained.steps, len(engine.train_files), engine.steps_per_round
-            )
+            weight = aggregation_weight(weighting, trained.steps, len(engine.train_files), steps)
             report = record.round(task.current_round, metrics, cases, trained, weight)
             weights = engine.weights()
             meta = {
