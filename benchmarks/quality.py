@@ -85,6 +85,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from importlib.metadata import version
@@ -380,6 +381,20 @@ def arm_folder(root: Path, setting: dict) -> Path:
     return root / f"{setting['arm']}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
+def folders_on_other_data(root: Path, setting: dict) -> list[Path]:
+    """The folders under ``root`` whose setting is ``setting`` but for the data digest."""
+    rest = {key: value for key, value in setting.items() if key != "data"}
+    found = []
+    for path in sorted(Path(root).glob(f"{setting['arm']}-*/setting.json")):
+        stored = json.loads(path.read_text())
+        if (
+            stored.get("data") != setting["data"]
+            and {key: value for key, value in stored.items() if key != "data"} == rest
+        ):
+            found.append(path.parent)
+    return found
+
+
 @dataclass(frozen=True)
 class ModelRun:
     """One model of an arm: what trains it and with which training seed.
@@ -532,6 +547,14 @@ def run_arm(
         "versions": {key: machine()[key] for key in ("python", "torch", "monai", "nvflare")},
     }
     store = MeasuredModels(args.runs_folder, setting, config)
+    for folder in folders_on_other_data(args.runs_folder, setting):
+        log(
+            f"{folder} holds this arm's models measured on other synthetic data than this "
+            f"machine wrote (data digest {setting['data'][:12]}); they are not mixed in, and "
+            f"this machine measures anew in {store.folder}. The same code and pinned versions "
+            "wrote those data elsewhere: to continue them, run where they were measured (their "
+            "measured.machine)"
+        )
     runs = arm_runs(config.training.seed, seeds)
     progress = ArmProgress(config, artifact_hash, runs, {}, store.folder)
     for run in runs:
@@ -786,11 +809,23 @@ def machine() -> dict:
     return {
         "cpus": os.cpu_count(),
         "processor": platform.machine(),
+        "cpu_model": cpu_model(),
+        "zlib": zlib.ZLIB_RUNTIME_VERSION,
         "python": platform.python_version(),
         "torch": version("torch"),
         "monai": version("monai"),
         "nvflare": version("nvflare"),
     }
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name, from ``/proc/cpuinfo`` (Linux; None elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    return None
 
 
 def argument_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from nvflare.recipe import SimEnv
 from nvflare.recipe.spec import Recipe
 
 from app_server.federation import (
@@ -58,6 +57,7 @@ from jobs.harmonization import find_artifact, harmonization_recipe
 from jobs.progress import RoundProgress, watching_rounds
 from jobs.resume import ResumePoint, find_resume_point
 from jobs.segmentation import checked_artifact_hash, segmentation_recipe
+from jobs.simulation import run_in_simulator
 
 
 def site_names(count: int) -> list[str]:
@@ -122,18 +122,15 @@ def fit_harmonization(config: RunConfig, datasets: Sequence[Path], workdir: Path
     modalities = {dataset_modality(d) for d in datasets}
     if len(modalities) != 1:
         raise ValueError(f"sites hold different modalities: {sorted(modalities)}")
-    recipe = harmonization_recipe(config, modalities.pop(), len(datasets), timeout=600)
+    modality = modalities.pop()
     with site_environment(datasets):
-        run = recipe.execute(
-            SimEnv(
-                num_clients=len(datasets),
-                workspace_root=str(simulator_workspace(workdir)),
-                log_config="WARNING",
-            )
+        result = run_in_simulator(
+            lambda: harmonization_recipe(config, modality, len(datasets), timeout=600),
+            len(datasets),
+            simulator_workspace(workdir),
         )
-        result = run.get_result()
     target = workdir / "harmonization.json"
-    shutil.copyfile(find_artifact(Path(result)), target)
+    shutil.copyfile(find_artifact(result), target)
     return target
 
 
@@ -181,8 +178,12 @@ def run_job(
         artifact = read_harmonization_artifact(harmonization_artifact)
         for dataset in datasets:
             check_artifact_modality(artifact, dataset)
-    recipe = segmentation_recipe(config, harmonization_artifact)
-    return _simulate(recipe, datasets, workdir, on_round=on_round)
+    return _simulate(
+        lambda: segmentation_recipe(config, harmonization_artifact),
+        datasets,
+        workdir,
+        on_round=on_round,
+    )
 
 
 def check_encryption(federation: Federation, encryption: str) -> None:
@@ -254,24 +255,29 @@ def resume_job(
         )
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    recipe = segmentation_recipe(point.config, resume=point)
-    return _simulate(recipe, datasets, workdir, point.trains, on_round)
+    return _simulate(
+        lambda: segmentation_recipe(point.config, resume=point),
+        datasets,
+        workdir,
+        point.trains,
+        on_round,
+    )
 
 
 def _simulate(
-    recipe: Recipe,
+    recipe: Callable[[], Recipe],
     datasets: Sequence[Path],
     workdir: Path,
     local_models: bool = True,
     on_round: Callable[[RoundProgress], None] | None = None,
 ) -> Path:
-    """Runs a plaintext segmentation recipe in the simulator; writes the reports."""
+    """Runs a plaintext segmentation job in the simulator; writes the reports.
+
+    ``recipe`` builds the job's recipe (:func:`jobs.simulation.run_in_simulator`).
+    """
     simulation = simulator_workspace(workdir)
     with site_environment(datasets) as names, watching_rounds(simulation, on_round):
-        run = recipe.execute(
-            SimEnv(num_clients=len(datasets), workspace_root=str(simulation), log_config="WARNING")
-        )
-        result = Path(run.get_result())
+        result = run_in_simulator(recipe, len(datasets), simulation)
     return write_job_reports(result, workdir / "report", names, "none", local_models)
 
 

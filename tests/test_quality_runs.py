@@ -18,6 +18,7 @@ from benchmarks.quality import (
     argument_parser,
     arm_folder,
     arm_runs,
+    folders_on_other_data,
     model_setting,
     run_config,
 )
@@ -84,3 +85,12 @@ def test_each_stored_fedavg_model_is_named_by_its_schedule_and_weighting(folder,
         assert int(rounds) * int(local_steps) == setting["budget_steps"], path.name
         # models measured before the option existed were weighted by steps and do not say so
         assert training.get("aggregation_weight", "steps") == weighting, path.name
+
+
+@pytest.mark.parametrize(("folder", "setting"), STORED, ids=[f.name for f, _ in STORED])
+def test_a_stored_folder_on_other_data_is_named_to_the_machine_that_measures_anew(folder, setting):
+    """The same code wrote other data on another machine: its models are not mixed in."""
+    assert folder not in folders_on_other_data(RUNS_FOLDER, setting)
+    elsewhere = folders_on_other_data(RUNS_FOLDER, {**setting, "data": "0" * 64})
+    assert folder in elsewhere
+    assert all(path.name.startswith(f"{setting['arm']}-") for path in elsewhere)
