@@ -84,9 +84,9 @@ def run_in_simulator(
                 )
                 return Path(run.get_result())
             except RuntimeError as error:
-                if not lost:
-                    raise
                 failure = error
+        if not lost:  # read after the watch ended: it looks once more at the end
+            raise failure
         message = f"NVFlare's simulator lost a site's worker process ({lost[0]})"
         if attempt == tries:
             raise SiteProcessLost(
