@@ -153,13 +153,20 @@ def end_simulation() -> None:
     The simulator's process then exits with a failure, which NVFlare's ``SimEnv`` raises as a
     ``RuntimeError``.
     """
-    this_process = psutil.Process()
-    descendants = this_process.children(recursive=True)
-    workers = [process for process in descendants if _is_simulator_worker(process)]
-    drivers = {_parent(worker) for worker in workers} - {None, this_process}
+    workers = simulator_workers()
+    drivers = {_parent(worker) for worker in workers} - {None, psutil.Process()}
     for process in [*workers, *drivers]:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
+
+
+def simulator_workers() -> list[psutil.Process]:
+    """The site worker processes of the simulator this process runs."""
+    return [
+        process
+        for process in psutil.Process().children(recursive=True)
+        if _is_simulator_worker(process)
+    ]
 
 
 def _parent(process: psutil.Process) -> psutil.Process | None:

@@ -15,7 +15,7 @@ import pytest
 from fedseg.config import load_config
 from jobs.harmonization import harmonization_recipe
 from jobs.runner import fit_harmonization, site_environment
-from jobs.simulation import SIMULATOR_WORKER, SiteProcessLost, lost_site, run_in_simulator
+from jobs.simulation import SiteProcessLost, lost_site, run_in_simulator, simulator_workers
 
 CONFIG = load_config("tiny")
 
@@ -72,13 +72,11 @@ class WorkerKiller:
 
     def run(self) -> None:
         while not self.stop.wait(0.1):
-            for process in psutil.Process().children(recursive=True):
+            for process in simulator_workers():
                 try:
                     command = process.cmdline()
                     if not (
-                        SIMULATOR_WORKER in command
-                        and "site-3" in command
-                        and any(part.startswith(self.root) for part in command)
+                        "site-3" in command and any(part.startswith(self.root) for part in command)
                     ):
                         continue
                     if any(c.status == psutil.CONN_ESTABLISHED for c in process.net_connections()):
@@ -87,17 +85,6 @@ class WorkerKiller:
                         return
                 except psutil.NoSuchProcess:
                     continue
-
-
-def simulator_workers() -> list[psutil.Process]:
-    workers = []
-    for process in psutil.Process().children(recursive=True):
-        try:
-            if SIMULATOR_WORKER in process.cmdline():
-                workers.append(process)
-        except psutil.NoSuchProcess:
-            continue
-    return workers
 
 
 def test_a_site_lost_once_is_simulated_again(datasets, tmp_path, caplog):
