@@ -43,8 +43,9 @@ training site (each of WT, TC, ET), judged on the harmonized arm (fedseg's pipel
 the goal, so the harmonized centralized and FedAvg models are trained once per seed and the gap
 is their mean (the raw arm's gaps, one seed, are reported beside it); harmonization raises every
 model's worst-training-site and external-site Dice (mean of WT, TC, ET; the first seed's
-models in both arms). FedAvg's sites validate the global model every
-``VALIDATION_EVERY_ROUNDS`` rounds and the final one.
+models in both arms). The report also gives goal 1's gap apart for the validation cases with
+a small tumour core (under ``SMALL_TUMOUR_CORE_ML``) and for the others. FedAvg's sites
+validate the global model every ``VALIDATION_EVERY_ROUNDS`` rounds and the final one.
 
 Each model's training record and evaluation is kept as it is measured, one JSON file per model
 under ``--runs-folder`` (default ``benchmarks/results/quality_runs/``), in a folder per arm
@@ -91,6 +92,7 @@ from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import Transform
@@ -112,6 +114,7 @@ from fedseg.harmonization import (
 from fedseg.synth.hospitals import SynthConfig, synthesize_hospitals
 from jobs.runner import run_job
 from jobs.segmentation import initial_network
+from transforms.regions import REGIONS as REGION_LABELS
 
 HERE = Path(__file__).resolve().parent
 TRAINING_SITES = ("site-1", "site-2", "site-3")
@@ -137,6 +140,11 @@ VALIDATION_FRACTION = 0.55
 #: FedAvg's sites validate the global model every this many rounds (and the final one):
 #: validating every round made the 200 x 10 job about a quarter slower (830 s against 651 s).
 VALIDATION_EVERY_ROUNDS = 10
+#: The report splits goal 1's gap at this tumour-core volume (ml). Chosen from the
+#: measurement: site-3's gap over seeds 0-2 came from its validation cases under 5 ml (7 of
+#: 16; their TC gap +0.109, the other nine's +0.010), a size six of its 14 training cases have,
+#: one of site-1's 22 and none of site-2's 18.
+SMALL_TUMOUR_CORE_ML = 5.0
 
 
 def log(message: str) -> None:
@@ -306,18 +314,43 @@ def train_fedavg(
     return {key: value.numpy() for key, value in saved.items()}, record
 
 
+def evaluation_cases(datasets: dict[str, Path]) -> dict[str, list[dict]]:
+    """The cases each evaluation site is evaluated on, in the order of its per-case results.
+
+    A training site's validation split; every labelled case of the external site.
+    """
+    cases = {site: labelled_cases(datasets[site], "validation") for site in TRAINING_SITES}
+    cases[EXTERNAL_SITE] = labelled_cases(datasets[EXTERNAL_SITE], "training", "validation")
+    return cases
+
+
 def evaluation_engines(
     config: RunConfig, datasets: dict[str, Path], harmonization: Transform | None, folder: Path
 ) -> dict[str, SegmentationEngine]:
-    """One engine per evaluation site.
+    """One engine per evaluation site, validating on its :func:`evaluation_cases`.
 
-    The training sites' engines validate on their validation splits, the external site's on
-    all its labelled cases (the engine needs a training list too: the same cases).
+    The external site's engine needs a training list too: the same cases.
     """
-    external = labelled_cases(datasets[EXTERNAL_SITE], "training", "validation")
-    sources = {site: datasets[site] for site in TRAINING_SITES}
+    cases = evaluation_cases(datasets)
+    sources: dict[str, Path] = {site: datasets[site] for site in TRAINING_SITES}
+    external = cases[EXTERNAL_SITE]
     sources[EXTERNAL_SITE] = write_dataset(folder, external, external)
     return {site: SegmentationEngine(config, path, harmonization) for site, path in sources.items()}
+
+
+def tumour_core_ml(label: Path) -> float:
+    """The tumour core's volume (labels of ``TC``) of an ingested label map, in millilitres."""
+    image = nib.load(label)
+    voxels = np.count_nonzero(np.isin(np.asarray(image.dataobj), REGION_LABELS["TC"]))
+    return float(voxels * np.prod(image.header.get_zooms()[:3]) / 1000.0)
+
+
+def evaluation_tumour_cores(datasets: dict[str, Path]) -> dict[str, list[float]]:
+    """Tumour-core volume (ml) of every evaluation case, in the order of the per-case results."""
+    return {
+        site: [round(tumour_core_ml(Path(case["label"])), 2) for case in cases]
+        for site, cases in evaluation_cases(datasets).items()
+    }
 
 
 def evaluate(weights: dict[str, np.ndarray], engines: dict[str, SegmentationEngine]) -> dict:
@@ -635,8 +668,13 @@ def assemble_arm(progress: ArmProgress) -> dict:
     }
 
 
-def measured_pairs_gaps(progress: ArmProgress) -> dict | None:
-    """Goal 1's gaps over the seeds whose centralized and FedAvg models are both measured."""
+def measured_pairs_gaps(progress: ArmProgress, tumour_cores: dict[str, list[float]]) -> dict | None:
+    """Goal 1's gaps over the seeds whose centralized and FedAvg models are both measured.
+
+    Returns:
+        ``seeds``, ``gaps`` (:func:`fedavg_gaps`) and ``by_tumour_core``
+        (:func:`fedavg_gaps_by_tumour_core`); None before the first pair.
+    """
     seeds = sorted({run.seed for run in progress.runs})
     done = [
         seed
@@ -645,7 +683,12 @@ def measured_pairs_gaps(progress: ArmProgress) -> dict | None:
     ]
     if not done:
         return None
-    return {"seeds": done, "gaps": fedavg_gaps({"repeats": pair_evaluations(progress, done)})}
+    pairs = {"repeats": pair_evaluations(progress, done)}
+    return {
+        "seeds": done,
+        "gaps": fedavg_gaps(pairs),
+        "by_tumour_core": fedavg_gaps_by_tumour_core(pairs, tumour_cores),
+    }
 
 
 def pair_evaluations(progress: ArmProgress, seeds: list[int]) -> dict[str, list[dict]]:
@@ -674,28 +717,59 @@ def fedavg_gaps(arm: dict) -> dict:
     the spread over cases (of the seed-mean differences) and over seeds (of the case-mean
     differences). With one seed it is the paired standard error over cases.
     """
-    repeats = arm.get("repeats") or {m: [arm["evaluation"][m]] for m in ("centralized", "fedavg")}
-    gaps = {}
+    return {
+        site: {region: _paired_gap(_differences(arm, site, region)) for region in REGIONS}
+        for site in TRAINING_SITES
+    }
+
+
+def fedavg_gaps_by_tumour_core(arm: dict, tumour_cores: dict[str, list[float]]) -> dict:
+    """:func:`fedavg_gaps` apart for cases with small tumour cores and for the others.
+
+    Args:
+        arm: An arm of :func:`assemble_arm`.
+        tumour_cores: Tumour-core volume (ml) of each site's evaluation cases, in their order
+            (:func:`evaluation_tumour_cores`).
+
+    Returns:
+        Per training site, ``small`` (tumour core under :data:`SMALL_TUMOUR_CORE_ML`) and
+        ``other``: the number of cases and, where there are any, the gap per region.
+    """
+    strata = {}
     for site in TRAINING_SITES:
-        gaps[site] = {}
-        for region in REGIONS:
-            central, fedavg = (
-                np.asarray([run[site]["cases"][region] for run in repeats[model]])
-                for model in ("centralized", "fedavg")
-            )
-            difference = central - fedavg  # seeds x cases
-            per_case, per_seed = difference.mean(axis=0), difference.mean(axis=1)
-            variance = sum(
-                values.var(ddof=1) / values.size
-                for values in (per_case, per_seed)
-                if values.size > 1
-            )
-            gaps[site][region] = {
-                "gap": float(difference.mean()),
-                "paired_se": float(np.sqrt(variance)),
-                "per_seed": [float(v) for v in per_seed],
+        small = np.asarray(tumour_cores[site]) < SMALL_TUMOUR_CORE_ML
+        strata[site] = {}
+        for name, chosen in (("small", small), ("other", ~small)):
+            gaps = {
+                region: _paired_gap(_differences(arm, site, region)[:, chosen])
+                for region in REGIONS
+                if chosen.any()
             }
-    return gaps
+            strata[site][name] = {"cases": int(chosen.sum()), "gap": gaps}
+    return strata
+
+
+def _differences(arm: dict, site: str, region: str) -> np.ndarray:
+    """Centralized minus FedAvg Dice of the same seed, per case: ``(seeds, cases)``."""
+    repeats = arm.get("repeats") or {m: [arm["evaluation"][m]] for m in ("centralized", "fedavg")}
+    central, fedavg = (
+        np.asarray([run[site]["cases"][region] for run in repeats[model]])
+        for model in ("centralized", "fedavg")
+    )
+    return central - fedavg
+
+
+def _paired_gap(difference: np.ndarray) -> dict:
+    """The mean of ``(seeds, cases)`` differences, its standard error and each seed's mean."""
+    per_case, per_seed = difference.mean(axis=0), difference.mean(axis=1)
+    variance = sum(
+        values.var(ddof=1) / values.size for values in (per_case, per_seed) if values.size > 1
+    )
+    return {
+        "gap": float(difference.mean()),
+        "paired_se": float(np.sqrt(variance)),
+        "per_seed": [float(v) for v in per_seed],
+    }
 
 
 def largest_gap(gaps: dict) -> float:
@@ -892,6 +966,7 @@ def main() -> None:
             for site, dataset in datasets.items()
         }
         intensities = {site: intensity_range(dataset) for site, dataset in datasets.items()}
+        tumour_cores = evaluation_tumour_cores(datasets)
         digest = dataset_digest(datasets)
         progress = {
             arm: run_arm(
@@ -906,7 +981,7 @@ def main() -> None:
             for arm in sorted(ARMS, key=lambda arm: arm != GOAL_ARM)  # goal 1's arm first
         }
     if any(arm.missing for arm in progress.values()):
-        print(json.dumps(incomplete_status(progress)))
+        print(json.dumps(incomplete_status(progress, tumour_cores)))
         log("not every model is measured yet: run the same command again to continue")
         return
     arms = {arm: assemble_arm(progress[arm]) for arm in ARMS}
@@ -930,6 +1005,10 @@ def main() -> None:
         },
         "arms": arms,
         **goals(arms),
+        "evaluation_tumour_core_ml": tumour_cores,
+        "fedavg_gap_by_tumour_core": {
+            arm: fedavg_gaps_by_tumour_core(arms[arm], tumour_cores) for arm in ARMS
+        },
         "command": " ".join(["python benchmarks/quality.py", *setting_arguments(parser, args)]),
         "measured": measurement_record(progress.values()),
         "seconds_this_run": round(time.perf_counter() - began, 1),
@@ -964,9 +1043,11 @@ def setting_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace)
     ]
 
 
-def incomplete_status(progress: dict[str, ArmProgress]) -> dict:
+def incomplete_status(
+    progress: dict[str, ArmProgress], tumour_cores: dict[str, list[float]]
+) -> dict:
     """What a run that stopped before the end has measured, and goal 1's gaps so far."""
-    partial = measured_pairs_gaps(progress[GOAL_ARM])
+    partial = measured_pairs_gaps(progress[GOAL_ARM], tumour_cores)
     return {
         "complete": False,
         "measured": {arm: len(p.results) for arm, p in progress.items()},
@@ -982,6 +1063,16 @@ def incomplete_status(progress: dict[str, ArmProgress]) -> dict:
             "gaps": {
                 site: {region: round(g["gap"], 4) for region, g in regions.items()}
                 for site, regions in partial["gaps"].items()
+            },
+            "by_tumour_core": {
+                site: {
+                    name: {
+                        "cases": stratum["cases"],
+                        **{region: round(g["gap"], 4) for region, g in stratum["gap"].items()},
+                    }
+                    for name, stratum in strata.items()
+                }
+                for site, strata in partial["by_tumour_core"].items()
             },
         },
     }
@@ -1119,6 +1210,14 @@ each seed's gap in brackets.
 | --- | --- | ---: | ---: | ---: |
 {_gap_rows(summary["fedavg_gap"])}
 
+The same gap apart for the validation cases whose tumour core (labels \
+{", ".join(map(str, REGION_LABELS["TC"]))} of the ingested label map) is under \
+{SMALL_TUMOUR_CORE_ML:g} ml and for the others, {summary["goal_arm"]} arm:
+
+| site | tumour core | cases | WT gap | TC gap | ET gap |
+| --- | --- | ---: | ---: | ---: | ---: |
+{_tumour_core_rows(summary["fedavg_gap_by_tumour_core"][summary["goal_arm"]])}
+
 Mean Dice (WT, TC, ET) of each seed's centralized and FedAvg model, {summary["goal_arm"]} arm:
 
 | model | seed | {" | ".join(sites)} |
@@ -1194,6 +1293,23 @@ def _gap_rows(gaps: dict) -> str:
         for arm, sites in gaps.items()
         for site in sites
     )
+
+
+def _tumour_core_rows(strata: dict) -> str:
+    labels = {
+        "small": f"under {SMALL_TUMOUR_CORE_ML:g} ml",
+        "other": f"{SMALL_TUMOUR_CORE_ML:g} ml or more",
+    }
+    rows = []
+    for site, parts in strata.items():
+        for name, stratum in parts.items():
+            cells = (
+                gap_cells({site: stratum["gap"]}, site)
+                if stratum["gap"]
+                else " | ".join("-" for _ in REGIONS)
+            )
+            rows.append(f"| {site} | {labels[name]} | {stratum['cases']} | {cells} |")
+    return "\n".join(rows)
 
 
 def _shown_rounds(arms: dict) -> list[str]:
